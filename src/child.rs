@@ -1,0 +1,88 @@
+//! Fork mode, the child's side: everything that runs in a connection's
+//! process between `fork` and `_exit`.
+//!
+//! In order: log lines get the child's own pid; signal handling goes back to
+//! the defaults with an empty mask; with `--die-with-parent` the kernel is
+//! asked to end the child with its dispatcher; every inherited descriptor
+//! but the connection and stdio is closed (listeners, wake-up pipe, syslog
+//! socket); the process is retitled; the echo handler runs; the byte count
+//! goes to the scoreboard; and the child leaves with `_exit`, so it never
+//! returns into dispatcher code nor runs its destructors or atexit handlers.
+//! The exit status says how the connection ended ([`End::exit_code`]).
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use log::debug;
+use nix::sys::signal::Signal;
+use nix::unistd::{Pid, getppid};
+
+use crate::echo::{self, End};
+use crate::logging;
+use crate::signals;
+use crate::title::{self, TitleArea};
+
+/// What a child needs to know, prepared once by the dispatcher.
+#[derive(Clone, Debug)]
+pub struct ChildSetup {
+    pub buffer: usize,
+    pub idle: Option<Duration>,
+    pub die_with_parent: bool,
+    pub dispatcher: Pid,
+    pub title: Option<TitleArea>,
+}
+
+/// Serve one connection in this freshly forked child, then `_exit`.
+pub fn serve(conn: OwnedFd, peer: SocketAddr, setup: &ChildSetup, bytes: &AtomicU64) -> ! {
+    logging::in_child();
+    signals::reset_in_child();
+    if setup.die_with_parent {
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+        // The dispatcher may have died before the request took effect.
+        if getppid() != setup.dispatcher {
+            exit(End::Reset.exit_code());
+        }
+    }
+    close_inherited(conn.as_raw_fd());
+    title::set_comm("forkd-conn");
+    if let Some(area) = &setup.title {
+        area.set(&format!("forkd: conn {peer}"));
+    }
+
+    let mut sock = TcpStream::from(conn);
+    let _ = echo::set_idle_timeout(&sock, setup.idle);
+    let mut buf = vec![0u8; setup.buffer];
+    let outcome = echo::serve(&mut sock, &mut buf);
+    bytes.store(outcome.bytes, Ordering::Relaxed);
+    debug!("conn {peer}: {}, {} bytes", outcome.end.describe(), outcome.bytes);
+    exit(outcome.end.exit_code())
+}
+
+/// Leave the process at once: no destructors, no atexit handlers, no stdio flush.
+fn exit(code: i32) -> ! {
+    // SAFETY: _exit(2) ends the process; nothing of the dispatcher's runs.
+    unsafe { libc::_exit(code) }
+}
+
+/// Close every descriptor above stderr except `keep`.
+fn close_inherited(keep: i32) {
+    let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
+    for (lo, hi) in ranges {
+        if lo > hi {
+            continue;
+        }
+        // SAFETY: close_range(2) only closes descriptors; none in these ranges
+        // is used by the child after this point (the syslog connection was
+        // forgotten by `logging::in_child`, and the connection is kept).
+        let r = unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32) };
+        if r != 0 {
+            // Kernels before 5.9: close what the dispatcher can have open.
+            for fd in lo..hi.min(1024) {
+                // SAFETY: as above.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The command line: every option forkd takes, parsed with clap into a [`Config`].
+//!
+//! Parsing is the only thing done here; each option's behaviour lives in the
+//! module that owns it. Durations read like `10s`, `500ms`, `5m`; sizes like
+//! `64KiB`, `1MiB`, `16384`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::error::Error;
+
+/// Who runs the echo handler for an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// One child process per connection, forked by the dispatcher.
+    Fork,
+    /// One thread per connection inside the dispatcher process.
+    Thread,
+}
+
+/// When the fork-mode dispatcher collects its finished children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReapMode {
+    /// In the SIGCHLD handler, at once: no zombie outlives its exit by more than a moment.
+    Handler,
+    /// Only just before each accept, like the textbook dispatcher: zombies wait for the next client.
+    Lazy,
+    /// Never (until forkd exits): zombies pile up, and count against --max-conns.
+    Off,
+}
+
+/// Where log lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogTarget {
+    /// journald prefixes under systemd, stderr on a terminal, syslog if /dev/log exists, else stderr.
+    Auto,
+    Stderr,
+    Syslog,
+}
+
+/// forkd: a process-per-connection echo server (RFC 862).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "forkd", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on (repeatable); IPv6 as [::1]:7007; port 0 picks a free port.
+    #[arg(short = 'l', long = "listen", value_name = "ADDR", default_value = "127.0.0.1:7007")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Length of each listener's queue of connections not yet accepted.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
+    pub backlog: i32,
+
+    /// Concurrency model.
+    #[arg(long, value_enum, default_value_t = Mode::Fork)]
+    pub mode: Mode,
+
+    /// When finished children are reaped (fork mode).
+    #[arg(long, value_enum, default_value_t = ReapMode::Handler)]
+    pub reap: ReapMode,
+
+    /// Most connections served at once; at the cap forkd stops accepting until one ends.
+    #[arg(short = 'c', long = "max-conns", value_name = "N", default_value_t = 1024, value_parser = parse_count)]
+    pub max_conns: usize,
+
+    /// Most connections at once from one source address (0: no limit).
+    #[arg(long = "max-per-ip", value_name = "N", default_value_t = 0)]
+    pub max_per_ip: u32,
+
+    /// Close a connection with no progress in either direction for this long (0: never).
+    #[arg(long = "idle-timeout", value_name = "DUR", default_value = "300s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long connections may finish before they are ended.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Stack size of each connection thread (thread mode).
+    #[arg(long = "thread-stack", value_name = "SIZE", default_value = "64KiB", value_parser = parse_bytes)]
+    pub thread_stack: usize,
+
+    /// Size of each connection's echo buffer.
+    #[arg(long = "buffer", value_name = "SIZE", default_value = "16KiB", value_parser = parse_bytes)]
+    pub buffer: usize,
+
+    /// Where to log.
+    #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
+    pub log: LogTarget,
+
+    /// The syslog daemon's socket.
+    #[arg(long = "syslog-socket", value_name = "PATH", default_value = "/dev/log")]
+    pub syslog_socket: PathBuf,
+
+    /// Log more (-v: each connection's start, -vv: everything).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Log less (-q: warnings and errors only, -qq: errors only).
+    #[arg(short = 'q', long = "quiet", action = clap::ArgAction::Count)]
+    pub quiet: u8,
+
+    /// Once accepting, print each bound address on stdout, one per line, then close stdout.
+    #[arg(long = "print-addr")]
+    pub print_addr: bool,
+
+    /// After binding, serve as this user (dispatcher and children alike).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// After binding, serve as this group (default: the --user's primary group).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+
+    /// Children end when the dispatcher dies, even by SIGKILL (PR_SET_PDEATHSIG).
+    #[arg(long = "die-with-parent")]
+    pub die_with_parent: bool,
+
+    /// Serve the one connection open on stdin/stdout, then exit (systemd Accept=yes, inetd).
+    #[arg(long)]
+    pub inetd: bool,
+}
+
+impl Config {
+    /// Parse the process's arguments; errors come back as one-line usage errors.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ParseOutcome>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        match Config::try_parse_from(args) {
+            Ok(config) => config.check().map_err(ParseOutcome::Error),
+            Err(e) => match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    Err(ParseOutcome::Print(e.to_string()))
+                }
+                _ => Err(ParseOutcome::Error(Error::usage(first_line(&e.to_string())))),
+            },
+        }
+    }
+
+    /// Checks across options that clap cannot express.
+    fn check(self) -> Result<Config, Error> {
+        if self.buffer == 0 {
+            return Err(Error::usage("--buffer must be at least 1 byte"));
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return Err(Error::usage("--group needs --user"));
+        }
+        Ok(self)
+    }
+
+    /// The log level the -v and -q counts ask for.
+    pub fn level(&self) -> log::LevelFilter {
+        use log::LevelFilter::*;
+        match self.verbose as i16 - self.quiet as i16 {
+            i16::MIN..=-3 => Off,
+            -2 => Error,
+            -1 => Warn,
+            0 => Info,
+            1 => Debug,
+            _ => Trace,
+        }
+    }
+
+    /// The idle timeout, or None when it is switched off.
+    pub fn idle(&self) -> Option<Duration> {
+        (!self.idle_timeout.is_zero()).then_some(self.idle_timeout)
+    }
+}
+
+/// What parsing the command line ended with when it did not give a config.
+#[derive(Debug)]
+pub enum ParseOutcome {
+    /// --help or --version: print this and exit 0.
+    Print(String),
+    Error(Error),
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("bad arguments");
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 5m)"))
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let n = parse_size::parse_size(s).map_err(|e| format!("{e} (examples: 64KiB, 1MiB)"))?;
+    usize::try_from(n).map_err(|_| "too large".to_string())
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_args(["forkd"]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:7007".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(c.mode, Mode::Fork);
+        assert_eq!(c.reap, ReapMode::Handler);
+        assert_eq!(c.max_conns, 1024);
+        assert_eq!(c.grace, Duration::from_secs(10));
+        assert_eq!(c.idle(), Some(Duration::from_secs(300)));
+        assert_eq!(c.level(), log::LevelFilter::Info);
+    }
+
+    #[test]
+    fn bad_address_is_one_line_usage_error() {
+        match Config::from_args(["forkd", "-l", "nonsense"]) {
+            Err(ParseOutcome::Error(e)) => {
+                assert_eq!(e.code, crate::error::EXIT_USAGE);
+                assert!(e.message.contains("nonsense"), "{}", e.message);
+                assert!(!e.message.contains('\n'));
+            }
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_durations_and_levels() {
+        let c = Config::from_args([
+            "forkd", "--thread-stack", "128KiB", "--grace", "1500ms", "--idle-timeout", "0", "-qq",
+        ])
+        .unwrap();
+        assert_eq!(c.thread_stack, 128 * 1024);
+        assert_eq!(c.grace, Duration::from_millis(1500));
+        assert_eq!(c.idle(), None);
+        assert_eq!(c.level(), log::LevelFilter::Error);
+    }
+}

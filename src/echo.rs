@@ -1,0 +1,150 @@
+//! The echo handler (RFC 862, TCP): every byte received is sent back
+//! unchanged, in order, until the client closes its side; then the rest is
+//! sent and the connection closed.
+//!
+//! Every concurrency model calls [`serve`]; nothing here knows whether it
+//! runs in a child process or a thread. Memory is bounded by the one buffer
+//! the caller lends, whatever the length of the stream. A half-close by the
+//! client is honoured: its FIN ends reading, and everything read before it
+//! still goes back.
+//!
+//! The idle timeout is the socket's SO_RCVTIMEO and SO_SNDTIMEO: a read that
+//! waits that long for a byte, or a write that cannot hand the kernel a
+//! single byte for that long (a client that stopped reading), ends the
+//! connection. Any progress starts the clock again.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client closed its side and got every byte back.
+    Closed,
+    /// The client reset the connection or closed it before reading its echo
+    /// (ECONNRESET, EPIPE): a normal end, not an error.
+    Reset,
+    /// No progress in either direction for the idle timeout.
+    IdleTimeout,
+    /// Any other socket error (errno).
+    Error(i32),
+}
+
+impl End {
+    /// The child's exit status for this end (fork mode), read back by the dispatcher.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            End::Closed => 0,
+            End::Error(_) => 1,
+            End::Reset => 2,
+            End::IdleTimeout => 3,
+        }
+    }
+
+    /// What a child's exit status says about how its connection ended.
+    pub fn describe_exit_code(code: i32) -> &'static str {
+        match code {
+            0 => "closed by client",
+            1 => "socket error",
+            2 => "reset by client",
+            3 => "idle timeout",
+            _ => "unexpected exit",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        Self::describe_exit_code(self.exit_code())
+    }
+}
+
+/// The result of one echo session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes sent back to the client (equal to bytes received unless the end was abnormal).
+    pub bytes: u64,
+    pub end: End,
+}
+
+/// Apply the idle timeout to the socket (None: wait for ever).
+pub fn set_idle_timeout(sock: &TcpStream, idle: Option<Duration>) -> io::Result<()> {
+    sock.set_read_timeout(idle)?;
+    sock.set_write_timeout(idle)
+}
+
+/// Echo everything on `sock` back to it until the client closes, using `buf`.
+pub fn serve(sock: &mut TcpStream, buf: &mut [u8]) -> Outcome {
+    let mut bytes = 0u64;
+    loop {
+        let n = match sock.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Outcome { bytes, end: classify(&e) },
+        };
+        let mut sent = 0;
+        while sent < n {
+            match sock.write(&buf[sent..n]) {
+                Ok(0) => return Outcome { bytes, end: End::Reset },
+                Ok(k) => {
+                    sent += k;
+                    bytes += k as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Outcome { bytes, end: classify(&e) },
+            }
+        }
+    }
+    // The client's FIN arrived and every byte went back; send ours. Errors
+    // here (the client already gone) change nothing about the outcome.
+    let _ = sock.shutdown(Shutdown::Write);
+    Outcome {
+        bytes,
+        end: End::Closed,
+    }
+}
+
+fn classify(e: &io::Error) -> End {
+    match e.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            End::Reset
+        }
+        // SO_RCVTIMEO / SO_SNDTIMEO expired: EAGAIN.
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => End::IdleTimeout,
+        _ => End::Error(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    #[test]
+    fn echoes_and_honours_half_close() {
+        let (mut client, mut server) = pair();
+        let t = std::thread::spawn(move || serve(&mut server, &mut [0u8; 7]));
+        let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        client.write_all(&data).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(t.join().unwrap(), Outcome { bytes: 100_000, end: End::Closed });
+    }
+
+    #[test]
+    fn silent_client_times_out() {
+        let (_client, mut server) = pair();
+        set_idle_timeout(&server, Some(Duration::from_millis(100))).unwrap();
+        let out = serve(&mut server, &mut [0u8; 64]);
+        assert_eq!(out.end, End::IdleTimeout);
+    }
+}

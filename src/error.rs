@@ -1,0 +1,72 @@
+//! Startup errors and the exit codes they map to.
+//!
+//! forkd reports an error once, at the top (`main`), as one line naming what
+//! failed and why, then exits with one of the documented codes below. The
+//! numbers follow sysexits(3), which systemd also understands
+//! (`systemctl status` prints them by name).
+
+use std::fmt;
+use std::io;
+
+/// Stopped cleanly (SIGTERM, SIGINT, SIGQUIT), or `--inetd` served its connection.
+pub const EXIT_OK: u8 = 0;
+/// Bad command line: unknown option, bad value, bad address syntax.
+pub const EXIT_USAGE: u8 = 64;
+/// `--user` or `--group` names no such user or group.
+pub const EXIT_NOUSER: u8 = 67;
+/// An address cannot be served: in use, or not an address of this host.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// The dispatcher failed while running (an unexpected error from poll or accept).
+pub const EXIT_SOFTWARE: u8 = 70;
+/// Another operating-system failure at start (socket, pipe, signals, inherited sockets).
+pub const EXIT_OSERR: u8 = 71;
+/// Permission denied: a privileged port without the capability, or a failed privilege drop.
+pub const EXIT_NOPERM: u8 = 77;
+
+/// An error that ends forkd: a one-line message and the exit code to leave with.
+#[derive(Debug)]
+pub struct Error {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: u8, message: impl Into<String>) -> Error {
+        Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Error {
+        Error::new(EXIT_USAGE, message)
+    }
+
+    /// An OS error while doing `what`; the exit code follows the errno.
+    pub fn os(what: impl fmt::Display, err: impl Into<io::Error>) -> Error {
+        let err: io::Error = err.into();
+        let code = match err.raw_os_error() {
+            Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL) => EXIT_UNAVAILABLE,
+            Some(libc::EACCES) | Some(libc::EPERM) => EXIT_NOPERM,
+            _ => EXIT_OSERR,
+        };
+        Error::new(code, format!("{what}: {}", describe(&err)))
+    }
+}
+
+/// The errno text without Rust's " (os error N)" suffix, so messages read like C daemons'.
+pub fn describe(err: &io::Error) -> String {
+    let text = err.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,44 @@
+//! `--inetd`: serve the one connection already open on stdin/stdout, then
+//! exit. For systemd `Accept=yes` socket units and classic inetd, where the
+//! service manager accepts and forks, and forkd only runs the echo handler.
+
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+
+use log::info;
+use nix::sys::socket::{SockType, getpeername, getsockopt, sockopt, SockaddrStorage};
+
+use crate::echo::{self, End};
+use crate::error::{EXIT_OK, EXIT_OSERR, Error};
+
+/// Echo on the socket at stdin until the client closes; returns the exit code.
+pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Error> {
+    let stdin = std::io::stdin();
+    match getsockopt(&stdin.as_fd(), sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        _ => {
+            return Err(Error::new(
+                EXIT_OSERR,
+                "--inetd: stdin is not a connected stream socket",
+            ));
+        }
+    }
+    let peer = getpeername::<SockaddrStorage>(stdin.as_raw_fd())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "unknown peer".into());
+    // SAFETY: fd 0 is a stream socket (checked above) that this process owns
+    // for its whole life; nothing else reads or writes it.
+    let mut sock = unsafe { TcpStream::from_raw_fd(0) };
+    let _ = echo::set_idle_timeout(&sock, idle);
+    let mut buf = vec![0u8; buffer];
+    let outcome = echo::serve(&mut sock, &mut buf);
+    info!(
+        "inetd conn {peer}: {}, {} bytes echoed",
+        outcome.end.describe(),
+        outcome.bytes
+    );
+    Ok(match outcome.end {
+        End::Error(_) => EXIT_OSERR,
+        _ => EXIT_OK,
+    })
+}

@@ -1,0 +1,147 @@
+//! Listening sockets: bound here from `--listen`, or inherited from systemd.
+//!
+//! Every listener is non-blocking and close-on-exec: the dispatcher learns
+//! from `poll` that one is readable and then accepts until it would block.
+//! SO_REUSEADDR is set before bind so that a restart binds at once even while
+//! connections of the previous run sit in TIME_WAIT; IPv6 sockets are
+//! V6ONLY so that `[::]:P` and `0.0.0.0:P` can be listed side by side.
+
+use std::mem;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, sockopt,
+};
+
+use crate::error::Error;
+
+/// One listening socket and how to name it in logs.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    /// The address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+    /// A name for logs: the address, or systemd's LISTEN_FDNAMES entry.
+    pub name: String,
+}
+
+impl Listener {
+    /// Create, configure, bind and listen; each failure names the address and the cause.
+    pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Listener, Error> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::Inet,
+            SocketAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let what = |step: &str| format!("cannot {step} {addr}");
+        let fd = socket::socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| Error::os(what("create a socket for"), e))?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
+            .map_err(|e| Error::os(what("set SO_REUSEADDR on"), e))?;
+        if family == AddressFamily::Inet6 {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)
+                .map_err(|e| Error::os(what("set IPV6_V6ONLY on"), e))?;
+        }
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(|e| Error::os(what("bind"), e))?;
+        let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+        socket::listen(&fd, backlog).map_err(|e| Error::os(what("listen on"), e))?;
+        let addr = local_addr(fd.as_raw_fd()).map_err(|e| Error::os(what("read back"), e))?;
+        Ok(Listener {
+            fd,
+            addr,
+            name: addr.to_string(),
+        })
+    }
+
+    /// Adopt a listening socket passed in by a service manager (socket activation).
+    ///
+    /// The descriptor must be a listening stream socket; it is made non-blocking.
+    pub fn adopt(fd: OwnedFd, name: Option<String>) -> Result<Listener, Error> {
+        let raw = fd.as_raw_fd();
+        let what = format!("inherited descriptor {raw}");
+        let listening = socket::getsockopt(&fd, sockopt::AcceptConn)
+            .map_err(|e| Error::os(format!("{what} is not a socket"), e))?;
+        let stream = socket::getsockopt(&fd, sockopt::SockType)
+            .map_err(|e| Error::os(format!("{what} is not a socket"), e))?;
+        if !listening || stream != SockType::Stream {
+            return Err(Error::new(
+                crate::error::EXIT_OSERR,
+                format!("{what} is not a listening TCP socket"),
+            ));
+        }
+        let addr = local_addr(raw).map_err(|e| Error::os(format!("{what}: no address"), e))?;
+        set_nonblocking(raw).map_err(|e| Error::os(&what, e))?;
+        Ok(Listener {
+            fd,
+            addr,
+            name: name.unwrap_or_else(|| addr.to_string()),
+        })
+    }
+
+    /// Accept one connection: a blocking, close-on-exec socket and its peer.
+    ///
+    /// One `accept4` call, which also returns the peer's address (no
+    /// separate `getpeername`). `EAGAIN` means nothing is waiting.
+    pub fn accept(&self) -> nix::Result<(OwnedFd, SocketAddr)> {
+        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: the pointers refer to `storage` and `len`, which outlive the call,
+        // and `len` holds the size of `storage`.
+        let fd = unsafe {
+            libc::accept4(
+                self.fd.as_raw_fd(),
+                (&raw mut storage).cast(),
+                &mut len,
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(nix::errno::Errno::last());
+        }
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+        let peer = to_socket_addr(&storage, len).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+        Ok((conn, peer))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn local_addr(fd: RawFd) -> nix::Result<SocketAddr> {
+    let ss: SockaddrStorage = socket::getsockname(fd)?;
+    storage_to_addr(&ss).ok_or(nix::errno::Errno::EAFNOSUPPORT)
+}
+
+fn storage_to_addr(ss: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = ss.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    ss.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(std::net::SocketAddrV6::from(*v6)))
+}
+
+fn to_socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    // SAFETY: `storage` is a sockaddr_storage that the kernel filled in with `len` bytes.
+    let ss = unsafe { SockaddrStorage::from_raw((storage as *const libc::sockaddr_storage).cast(), Some(len)) }?;
+    storage_to_addr(&ss)
+}
+
+fn set_nonblocking(fd: RawFd) -> nix::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    // SAFETY: the caller owns `fd` for the duration of this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! Signals, turned into events for the dispatcher's `poll` loop.
+//!
+//! A handler does two async-signal-safe things: it sets a bit in
+//! [`PENDING`] and writes one byte to the wake-up pipe, whose read end sits
+//! in the dispatcher's poll set. `poll` is never restarted after a signal,
+//! so the dispatcher wakes at once; it drains the pipe *first* and only then
+//! takes the pending bits, so no signal that arrives in between is lost.
+//! The SIGCHLD handler lives in [`crate::reaper`] and ends with [`wake`].
+//!
+//! SIGPIPE stays ignored (Rust's default): a write to a vanished client
+//! returns EPIPE, which the echo handler treats as a normal end.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+
+/// What a signal asked the dispatcher to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending(u32);
+
+impl Pending {
+    pub const TERMINATE: u32 = 1; // SIGTERM, SIGINT: graceful stop
+    pub const QUIT: u32 = 2; // SIGQUIT: kill the children, exit now
+    pub const STATUS: u32 = 4; // SIGUSR1: log a status line
+    pub const CHILD: u32 = 8; // SIGCHLD: children ended
+
+    pub fn has(self, bit: u32) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Bits set by handlers, taken by the dispatcher.
+static PENDING: AtomicU32 = AtomicU32::new(0);
+/// Write end of the wake-up pipe (-1 until installed).
+static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The signals forkd handles itself, each with the event it stands for.
+const HANDLED: [(Signal, u32); 4] = [
+    (Signal::SIGTERM, Pending::TERMINATE),
+    (Signal::SIGINT, Pending::TERMINATE),
+    (Signal::SIGQUIT, Pending::QUIT),
+    (Signal::SIGUSR1, Pending::STATUS),
+];
+
+/// The wake-up pipe. Dropping it does not uninstall the handlers: forkd
+/// installs them once and keeps them until it exits.
+pub struct Signals {
+    read: OwnedFd,
+    _write: OwnedFd,
+}
+
+impl Signals {
+    /// Create the pipe and install the handlers for SIGTERM, SIGINT, SIGQUIT and SIGUSR1.
+    pub fn install() -> io::Result<Signals> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
+        for (signal, bit) in HANDLED {
+            // SAFETY: the action only does async-signal-safe work: an atomic
+            // fetch_or and a write(2) to a non-blocking pipe (see `note`).
+            unsafe { signal_hook::low_level::register(signal as i32, move || note(bit)) }?;
+        }
+        Ok(Signals {
+            read,
+            _write: write,
+        })
+    }
+
+    /// Empty the pipe, then take every pending event (in that order: see the module docs).
+    pub fn take(&self) -> Pending {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = nix::unistd::read(&self.read, &mut buf) {
+            if n < buf.len() {
+                break;
+            }
+        }
+        Pending(PENDING.swap(0, Ordering::SeqCst))
+    }
+}
+
+impl AsFd for Signals {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+}
+
+/// Record `bit` and wake the dispatcher. Async-signal-safe.
+pub fn note(bit: u32) {
+    PENDING.fetch_or(bit, Ordering::SeqCst);
+    wake();
+}
+
+/// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
+pub fn wake() {
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid byte.
+        // The pipe is non-blocking, so a full pipe returns EAGAIN at once.
+        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// In a freshly forked child: default dispositions for every signal the
+/// dispatcher handles, and an empty signal mask. SIGPIPE stays ignored.
+pub fn reset_in_child() {
+    let default = nix::sys::signal::SigAction::new(
+        SigHandler::SigDfl,
+        nix::sys::signal::SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for signal in HANDLED.iter().map(|(s, _)| *s).chain([Signal::SIGCHLD]) {
+        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
+        let _ = unsafe { nix::sys::signal::sigaction(signal, &default) };
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}

@@ -1,0 +1,241 @@
+//! Shared helpers for the integration tests: start the real `forkd` binary on
+//! port 0, read the addresses it prints when ready, watch its log and its
+//! process tree, and never wait without a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const FORKD: &str = env!("CARGO_BIN_EXE_forkd");
+
+/// Poll `cond` every 10 ms until it holds or `limit` passes; true if it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running forkd, killed (SIGKILL) and waited for on drop.
+pub struct Forkd {
+    pub child: Child,
+    pub addrs: Vec<SocketAddr>,
+    log: Arc<Mutex<String>>,
+    args: Vec<String>,
+}
+
+impl Forkd {
+    /// Start `forkd --print-addr --log stderr -l 127.0.0.1:0 ARGS...` (no `-l`
+    /// added when ARGS has one) and wait up to 10 s for its addresses.
+    pub fn start(args: &[&str]) -> Forkd {
+        Forkd::start_with(Command::new(FORKD), args)
+    }
+
+    /// As [`Forkd::start`], with a prepared command (environment, pre_exec...).
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Forkd {
+        let mut full: Vec<String> = vec!["--print-addr".into(), "--log".into(), "stderr".into()];
+        if !args.iter().any(|a| *a == "-l" || *a == "--listen") {
+            full.extend(["-l".into(), "127.0.0.1:0".into()]);
+        }
+        full.extend(args.iter().map(|s| s.to_string()));
+        cmd.args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn forkd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stdout).read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        let mut f = Forkd {
+            child,
+            addrs,
+            log,
+            args: full,
+        };
+        if f.addrs.is_empty() {
+            let status = f.wait_exit(Duration::from_secs(2));
+            panic!(
+                "forkd {:?} printed no address (status {status:?}); log:\n{}",
+                f.args,
+                f.log()
+            );
+        }
+        f
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything forkd logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait up to `limit` for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(needle))
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait up to `limit` for forkd to exit; None if it did not.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The dispatcher's children as (pid, state, comm), from /proc.
+    pub fn children(&self) -> Vec<Proc> {
+        children_of(self.pid())
+    }
+
+    pub fn zombies(&self) -> usize {
+        self.children().iter().filter(|p| p.state == 'Z').count()
+    }
+
+    /// Panic with the log if `ok` is false.
+    pub fn check(&self, ok: bool, what: &str) {
+        if !ok {
+            panic!("{what}\nforkd {:?} log:\n{}", self.args, self.log());
+        }
+    }
+}
+
+impl Drop for Forkd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: i32,
+    pub ppid: i32,
+    pub state: char,
+    pub comm: String,
+}
+
+/// Read /proc/PID/stat.
+pub fn proc_stat(pid: i32) -> Option<Proc> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s[open + 1..close].to_string();
+    let mut rest = s[close + 2..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid,
+        state,
+        comm,
+    })
+}
+
+/// Every process whose parent is `ppid`.
+pub fn children_of(ppid: i32) -> Vec<Proc> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Some(p) = proc_stat(pid) {
+            if p.ppid == ppid {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Connect with a 5 s timeout and 10 s read/write timeouts.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Send `data`, half-close, read everything back (writing from a second thread
+/// so large payloads cannot deadlock), and return what came back.
+pub fn roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("read echo");
+    writer.join().unwrap();
+    back
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Echo one message on an open connection and check it comes back.
+pub fn ping(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
