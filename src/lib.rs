@@ -22,6 +22,7 @@
 //! - [`privdrop`]: `--user` / `--group`.
 //! - [`title`]: process names and titles for `ps`.
 //! - [`error`]: start-up errors and the documented exit codes.
+//! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
 //! A new model (a prefork pool, an event loop) is one new file implementing
 //! [`dispatcher::Model`], plus its line in [`cli::Mode`] and [`server`].
@@ -34,6 +35,7 @@ pub mod error;
 pub mod fork;
 pub mod inetd;
 pub mod limits;
+pub mod load;
 pub mod listen;
 pub mod logging;
 pub mod privdrop;

@@ -1,0 +1,1 @@
+//! forkd-load: the load generator behind the `forkd-load` binary.
