@@ -56,7 +56,11 @@ pub fn serve(conn: OwnedFd, peer: SocketAddr, setup: &ChildSetup, bytes: &Atomic
     let mut buf = vec![0u8; setup.buffer];
     let outcome = echo::serve(&mut sock, &mut buf);
     bytes.store(outcome.bytes, Ordering::Relaxed);
-    debug!("conn {peer}: {}, {} bytes", outcome.end.describe(), outcome.bytes);
+    debug!(
+        "conn {peer}: {}, {} bytes",
+        outcome.end.describe(),
+        outcome.bytes
+    );
     exit(outcome.end.exit_code())
 }
 

@@ -46,7 +46,12 @@ pub enum LogTarget {
 #[command(name = "forkd", version, about, long_about = None)]
 pub struct Config {
     /// Address to listen on (repeatable); IPv6 as [::1]:7007; port 0 picks a free port.
-    #[arg(short = 'l', long = "listen", value_name = "ADDR", default_value = "127.0.0.1:7007")]
+    #[arg(
+        short = 'l',
+        long = "listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7007"
+    )]
     pub listen: Vec<SocketAddr>,
 
     /// Length of each listener's queue of connections not yet accepted.
@@ -90,7 +95,11 @@ pub struct Config {
     pub log: LogTarget,
 
     /// The syslog daemon's socket.
-    #[arg(long = "syslog-socket", value_name = "PATH", default_value = "/dev/log")]
+    #[arg(
+        long = "syslog-socket",
+        value_name = "PATH",
+        default_value = "/dev/log"
+    )]
     pub syslog_socket: PathBuf,
 
     /// Log more (-v: each connection's start, -vv: everything).
@@ -135,7 +144,9 @@ impl Config {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     Err(ParseOutcome::Print(e.to_string()))
                 }
-                _ => Err(ParseOutcome::Error(Error::usage(first_line(&e.to_string())))),
+                _ => Err(ParseOutcome::Error(Error::usage(first_line(
+                    &e.to_string(),
+                )))),
             },
         }
     }
@@ -210,7 +221,10 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::from_args(["forkd"]).unwrap();
-        assert_eq!(c.listen, vec!["127.0.0.1:7007".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:7007".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(c.mode, Mode::Fork);
         assert_eq!(c.reap, ReapMode::Handler);
         assert_eq!(c.max_conns, 1024);
@@ -234,7 +248,14 @@ mod tests {
     #[test]
     fn sizes_durations_and_levels() {
         let c = Config::from_args([
-            "forkd", "--thread-stack", "128KiB", "--grace", "1500ms", "--idle-timeout", "0", "-qq",
+            "forkd",
+            "--thread-stack",
+            "128KiB",
+            "--grace",
+            "1500ms",
+            "--idle-timeout",
+            "0",
+            "-qq",
         ])
         .unwrap();
         assert_eq!(c.thread_stack, 128 * 1024);

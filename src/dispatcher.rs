@@ -286,7 +286,10 @@ impl<M: Model> Dispatcher<M> {
         }
         let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
         let woken = ready(&fds[0]);
-        let readable = (1..fds.len()).filter(|&i| ready(&fds[i])).map(|i| i - 1).collect();
+        let readable = (1..fds.len())
+            .filter(|&i| ready(&fds[i]))
+            .map(|i| i - 1)
+            .collect();
         Ok((woken, readable))
     }
 
@@ -316,7 +319,10 @@ impl<M: Model> Dispatcher<M> {
             info!("{}", self.status_line());
         }
         if pending.has(Pending::QUIT) {
-            info!("SIGQUIT: killing {} connections and exiting", self.conns.len());
+            info!(
+                "SIGQUIT: killing {} connections and exiting",
+                self.conns.len()
+            );
             self.begin_stop();
             self.stop_all(Stop::Kill);
             self.stopping = Some((Phase::Killed, Instant::now() + KILL_WAIT));
@@ -390,7 +396,10 @@ impl<M: Model> Dispatcher<M> {
     }
 
     fn zombies(&self) -> usize {
-        self.conns.keys().filter(|&&id| self.model.is_zombie(id)).count()
+        self.conns
+            .keys()
+            .filter(|&&id| self.model.is_zombie(id))
+            .count()
     }
 
     fn collect(&mut self, why: Collect) {

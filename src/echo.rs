@@ -80,18 +80,33 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [u8]) -> Outcome {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Outcome { bytes, end: classify(&e) },
+            Err(e) => {
+                return Outcome {
+                    bytes,
+                    end: classify(&e),
+                };
+            }
         };
         let mut sent = 0;
         while sent < n {
             match sock.write(&buf[sent..n]) {
-                Ok(0) => return Outcome { bytes, end: End::Reset },
+                Ok(0) => {
+                    return Outcome {
+                        bytes,
+                        end: End::Reset,
+                    };
+                }
                 Ok(k) => {
                     sent += k;
                     bytes += k as u64;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Outcome { bytes, end: classify(&e) },
+                Err(e) => {
+                    return Outcome {
+                        bytes,
+                        end: classify(&e),
+                    };
+                }
             }
         }
     }
@@ -137,7 +152,13 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
-        assert_eq!(t.join().unwrap(), Outcome { bytes: 100_000, end: End::Closed });
+        assert_eq!(
+            t.join().unwrap(),
+            Outcome {
+                bytes: 100_000,
+                end: End::Closed
+            }
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 use log::info;
-use nix::sys::socket::{SockType, getpeername, getsockopt, sockopt, SockaddrStorage};
+use nix::sys::socket::{SockType, SockaddrStorage, getpeername, getsockopt, sockopt};
 
 use crate::echo::{self, End};
 use crate::error::{EXIT_OK, EXIT_OSERR, Error};

@@ -133,7 +133,9 @@ fn storage_to_addr(ss: &SockaddrStorage) -> Option<SocketAddr> {
 
 fn to_socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     // SAFETY: `storage` is a sockaddr_storage that the kernel filled in with `len` bytes.
-    let ss = unsafe { SockaddrStorage::from_raw((storage as *const libc::sockaddr_storage).cast(), Some(len)) }?;
+    let ss = unsafe {
+        SockaddrStorage::from_raw((storage as *const libc::sockaddr_storage).cast(), Some(len))
+    }?;
     storage_to_addr(&ss)
 }
 

@@ -23,7 +23,7 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 use syslog::{Facility, Formatter3164, LoggerBackend};
 
 use crate::cli::LogTarget;
-use crate::error::{Error, EXIT_OSERR};
+use crate::error::{EXIT_OSERR, Error};
 
 /// This process's pid as log lines show it; set again in each child.
 static PID: AtomicU32 = AtomicU32::new(0);
@@ -153,7 +153,11 @@ impl Log for Logger {
                     } else {
                         String::new()
                     };
-                    format!("<{}>{who}{}\n", journald_priority(record.level()), record.args())
+                    format!(
+                        "<{}>{who}{}\n",
+                        journald_priority(record.level()),
+                        record.args()
+                    )
                 } else {
                     format!(
                         "{} forkd[{}] {}: {}\n",

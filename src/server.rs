@@ -56,8 +56,11 @@ pub fn run(config: Config) -> Result<u8, Error> {
     let summary = match config.mode {
         Mode::Fork => {
             // Room in the ring for every child forkd can have, plus margin.
-            reaper::install(config.max_conns + 64, config.reap == crate::cli::ReapMode::Handler)
-                .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
+            reaper::install(
+                config.max_conns + 64,
+                config.reap == crate::cli::ReapMode::Handler,
+            )
+            .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
             let setup = ChildSetup {
                 buffer: config.buffer,
                 idle: config.idle(),
@@ -93,7 +96,11 @@ fn announce(
     nofile: nix::Result<u64>,
 ) {
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-    let how = if activated { "socket-activated" } else { "listening" };
+    let how = if activated {
+        "socket-activated"
+    } else {
+        "listening"
+    };
     info!(
         "forkd {} {how} on {} (mode {model}, max {} connections), logging to {}",
         env!("CARGO_PKG_VERSION"),
@@ -142,16 +149,22 @@ fn close_stdout() {
 fn ensure_stdio() {
     for fd in 0..3 {
         // SAFETY: F_GETFD only queries the descriptor.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
-            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-                let raw = null.as_raw_fd();
-                if raw != fd {
-                    // SAFETY: `fd` is closed, so dup2 takes the free number.
-                    unsafe { libc::dup2(raw, fd) };
-                } else {
-                    std::mem::forget(null);
-                }
-            }
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        else {
+            continue;
+        };
+        if null.as_raw_fd() == fd {
+            // open(2) took the lowest free number, which is `fd`: keep it.
+            std::mem::forget(null);
+        } else {
+            // SAFETY: `fd` is closed, so dup2 takes that free number.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
 }
@@ -162,4 +175,3 @@ fn summary_line(s: &Summary) -> String {
         s.served, s.ended, s.killed, s.refused_per_ip
     )
 }
-

@@ -38,9 +38,8 @@ pub fn notify_socket_set() -> bool {
 pub fn activated_listeners() -> Result<Vec<Listener>, Error> {
     // SAFETY: called at start-up, before forkd starts any thread or child
     // (std::env::remove_var is only unsound with concurrent env access).
-    let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(|e| {
-        Error::new(EXIT_OSERR, format!("bad socket activation variables: {e}"))
-    })?;
+    let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
+        .map_err(|e| Error::new(EXIT_OSERR, format!("bad socket activation variables: {e}")))?;
     fds.map(|(fd, name)| {
         // SAFETY: systemd passes these descriptors to this process
         // (LISTEN_PID matched) for it to own; nothing else in forkd uses them.

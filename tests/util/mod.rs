@@ -186,10 +186,8 @@ pub fn children_of(ppid: i32) -> Vec<Proc> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Some(p) = proc_stat(pid) {
-            if p.ppid == ppid {
-                out.push(p);
-            }
+        if let Some(p) = proc_stat(pid).filter(|p| p.ppid == ppid) {
+            out.push(p);
         }
     }
     out
