@@ -237,3 +237,205 @@ pub fn ping(s: &mut TcpStream, msg: &[u8]) {
     s.read_exact(&mut back).unwrap();
     assert_eq!(back, msg);
 }
+
+impl Forkd {
+    /// Start forkd with exactly `args` (nothing added; include `--print-addr`)
+    /// and wait up to 10 s for the addresses it prints.
+    pub fn start_exact(args: &[&str]) -> Forkd {
+        let mut cmd = Command::new(FORKD);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn forkd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stdout).read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        let mut f = Forkd {
+            child,
+            addrs,
+            log,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        if f.addrs.is_empty() {
+            let status = f.wait_exit(Duration::from_secs(2));
+            panic!(
+                "forkd {:?} printed no address (status {status:?}); log:\n{}",
+                f.args,
+                f.log()
+            );
+        }
+        f
+    }
+
+    /// Wait up to `limit` for forkd to exit and check it exited with `code`.
+    pub fn expect_exit(&mut self, code: i32, limit: Duration) {
+        let status = self.wait_exit(limit);
+        self.check(
+            status.and_then(|s| s.code()) == Some(code),
+            &format!("expected forkd to exit with {code} within {limit:?}, got {status:?}"),
+        );
+    }
+
+    /// Wait up to `limit` for at least `n` log lines containing `needle`.
+    pub fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) -> bool {
+        wait_until(limit, || self.count_log(needle) >= n)
+    }
+
+    /// Pids of the dispatcher's live (not zombie) children.
+    pub fn live_children(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .children()
+            .iter()
+            .filter(|p| p.state != 'Z')
+            .map(|p| p.pid)
+            .collect();
+        pids.sort();
+        pids
+    }
+}
+
+/// User plus system CPU time `pid` has used, from /proc/PID/stat.
+pub fn cpu_time(pid: i32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    // `rest` starts at field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// The command line `ps -f` shows for `pid`: /proc/PID/cmdline with NULs as spaces.
+pub fn cmdline(pid: i32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&raw).replace('\0', " ");
+    Some(text.trim_end().to_string())
+}
+
+/// Is `pid` gone, or a zombie? (A zombie no longer runs; its parent has yet to reap it.)
+pub fn ended(pid: i32) -> bool {
+    proc_stat(pid).is_none_or(|p| p.state == 'Z')
+}
+
+/// TCP states (as /proc/net/tcp numbers them: 0A LISTEN, 06 TIME_WAIT...) of
+/// every IPv4 and IPv6 socket whose local port is `port`.
+pub fn tcp_states(port: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (f.get(1), f.get(3)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port != Some(port) {
+                continue;
+            }
+            if let Ok(st) = u8::from_str_radix(state, 16) {
+                out.push(st);
+            }
+        }
+    }
+    out
+}
+
+/// What a finished forkd run left: exit status, stdout and stderr.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `cmd` to its end, killing it (and panicking) if it takes longer than `limit`.
+pub fn run_with_deadline(mut cmd: Command, limit: Duration) -> Run {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+/// Send `data` on an open connection (from a second thread, so nothing can
+/// deadlock), half-close, and return everything read back until the end.
+pub fn echo_all(s: &mut TcpStream, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    let read = s.read_to_end(&mut back);
+    let written = writer.join().expect("writer thread");
+    read?;
+    written?;
+    Ok(back)
+}
+
+/// Is a client on `s` left waiting: does a byte sent get no echo within `limit`?
+pub fn unanswered(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    if s.write_all(b"?").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    let waiting = matches!(
+        s.read(&mut b),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    waiting
+}
