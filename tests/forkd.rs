@@ -296,7 +296,7 @@ fn lazy_reaping_keeps_zombies_until_the_next_accept() {
             &format!("old child {pid} still in the process table"),
         );
         f.check(
-            f.log().contains(&format!("end pid {pid} ")),
+            f.wait_log(&format!("end pid {pid} "), LONG),
             &format!("no end line for {pid}"),
         );
     }
@@ -336,7 +336,7 @@ fn reap_off_keeps_zombies_and_they_count_against_the_cap() {
 
     // At the stop forkd reaps them all and exits at once (nothing is live).
     f.signal(libc::SIGTERM);
-    f.expect_exit(0, LONG);
+    f.expect_clean_exit(LONG);
     f.check(
         f.log().contains("stopped: 3 connections served, 3 ended"),
         "summary should count the 3 reaped zombies",
@@ -372,7 +372,7 @@ fn sigterm_lets_a_held_connection_finish_during_the_grace_period() {
     f.check(running, "forkd exited with a connection open");
     let back = echo_all(&mut held, b"last words".to_vec()).unwrap();
     assert_eq!(back, b"last words");
-    f.expect_exit(0, LONG);
+    f.expect_clean_exit(LONG);
     let log = f.log();
     f.check(
         log.contains("closed by client"),
@@ -391,8 +391,10 @@ fn sigterm_after_a_short_grace_terminates_an_idle_child() {
     let kid = f.live_children()[0];
     let t0 = Instant::now();
     f.signal(libc::SIGTERM);
-    f.expect_exit(0, LONG);
+    let exited = f.wait_exit(LONG);
     let took = t0.elapsed();
+    f.check(exited.is_some(), "forkd did not stop");
+    f.expect_clean_exit(LONG);
     f.check(
         took < Duration::from_secs(5),
         &format!("took {took:?} to stop"),
@@ -427,7 +429,7 @@ fn sigquit_kills_the_children_and_exits() {
     );
     let kids = f.live_children();
     f.signal(libc::SIGQUIT);
-    f.expect_exit(0, LONG);
+    f.expect_clean_exit(LONG);
     let log = f.log();
     f.check(
         log.contains("SIGQUIT: killing 2 connections"),
@@ -541,7 +543,7 @@ fn restart_binds_at_once_despite_server_side_time_wait() {
     drop(idle);
     f.check(f.wait_log("idle timeout", LONG), "no idle timeout end line");
     f.signal(libc::SIGTERM);
-    f.expect_exit(0, LONG);
+    f.expect_clean_exit(LONG);
     const TIME_WAIT: u8 = 0x06;
     f.check(
         wait_until(LONG, || tcp_states(addr.port()).contains(&TIME_WAIT)),

@@ -165,7 +165,8 @@ fn children_log_to_syslog_under_their_own_pid() {
     drop(held);
 
     f.signal(libc::SIGTERM);
-    f.expect_exit(0, LONG);
+    let status = f.wait_exit(LONG);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "forkd's exit");
     let complete = wait_until(LONG, || {
         syslog.text().contains("stopped: 7 connections served")
     });

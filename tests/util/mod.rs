@@ -285,12 +285,18 @@ impl Forkd {
         f
     }
 
-    /// Wait up to `limit` for forkd to exit and check it exited with `code`.
-    pub fn expect_exit(&mut self, code: i32, limit: Duration) {
+    /// Wait up to `limit` for forkd to stop cleanly: exit status 0, and its
+    /// last line, the "stopped: ..." summary, read from its stderr (which a
+    /// thread reads, so the line can arrive a moment after the exit).
+    pub fn expect_clean_exit(&mut self, limit: Duration) {
         let status = self.wait_exit(limit);
         self.check(
-            status.and_then(|s| s.code()) == Some(code),
-            &format!("expected forkd to exit with {code} within {limit:?}, got {status:?}"),
+            status.and_then(|s| s.code()) == Some(0),
+            &format!("expected forkd to exit with 0 within {limit:?}, got {status:?}"),
+        );
+        self.check(
+            self.wait_log("stopped: ", limit),
+            "forkd exited without its summary line",
         );
     }
 
