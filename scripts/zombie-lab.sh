@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# zombie-lab: watch forkd's connection processes end, linger as zombies, and
+# get reaped, in each of the three --reap modes (handler, lazy, off).
+#
+# For each mode the lab starts forkd on a free port of 127.0.0.1, opens three
+# connections, closes them, opens one more, and shows the process tree after
+# each step with ps. It pauses between steps only when stdin is a terminal,
+# so `scripts/zombie-lab.sh </dev/null` runs straight through (as docs/zombies.md
+# was made). Everything it starts is stopped on exit, and the whole lab gives
+# up after LAB_TIMEOUT seconds (default 120).
+#
+# Usage: scripts/zombie-lab.sh [MODE...]     (default: handler lazy off)
+# Environment: FORKD=/path/to/forkd to skip the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+modes=("$@")
+[ ${#modes[@]} -gt 0 ] || modes=(handler lazy off)
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/zombie-lab.XXXXXX")
+forkd_pid=""
+fds=()
+
+cleanup() {
+    for fd in "${fds[@]}"; do
+        exec {fd}>&- 2>/dev/null || true
+    done
+    if [ -n "$forkd_pid" ] && kill -0 "$forkd_pid" 2>/dev/null; then
+        kill -TERM "$forkd_pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$forkd_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$forkd_pid" 2>/dev/null || true
+    fi
+    [ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'echo "zombie-lab: interrupted" >&2; exit 130' INT TERM
+
+# Bound the whole lab in time, whatever happens.
+( sleep "${LAB_TIMEOUT:-120}"; echo "zombie-lab: timed out" >&2; kill -TERM $$ ) 2>/dev/null &
+watchdog=$!
+
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
+say() { printf '\n%s%s%s\n' "$bold" "$*" "$plain"; }
+note() { printf '  %s\n' "$@"; }
+pause() {
+    if [ -t 0 ]; then
+        read -r -p "  [Enter to go on] " _ || true
+    fi
+}
+
+# ---- the forkd binary
+if [ -n "${FORKD:-}" ]; then
+    forkd=$FORKD
+elif command -v cargo >/dev/null 2>&1; then
+    echo "building forkd (cargo build --bin forkd) ..."
+    cargo build --quiet --bin forkd
+    forkd="${CARGO_TARGET_DIR:-target}/debug/forkd"
+else
+    forkd=$(ls -t target*/*/forkd 2>/dev/null | head -1 || true)
+fi
+if [ -z "$forkd" ] || [ ! -x "$forkd" ]; then
+    echo "zombie-lab: no forkd binary (set FORKD=/path/to/forkd, or install cargo)" >&2
+    exit 1
+fi
+
+# The dispatcher and its children, as ps shows them.
+show() {
+    echo
+    echo "    \$ ps -o pid,ppid,stat,comm,args -p $forkd_pid --ppid $forkd_pid"
+    ps -o pid,ppid,stat,comm,args -p "$forkd_pid" --ppid "$forkd_pid" | sed 's/^/    /'
+    echo
+}
+
+# The same as a tree, the way `ps -ef --forest` draws it.
+show_forest() {
+    echo "    \$ ps -f --forest -p $forkd_pid --ppid $forkd_pid"
+    ps -f --forest -p "$forkd_pid" --ppid "$forkd_pid" | sed 's/^/    /'
+    echo
+}
+
+# Ask forkd for a status line (SIGUSR1) and print it.
+status() {
+    local before
+    before=$(grep -c "status:" "$work/log" || true)
+    kill -USR1 "$forkd_pid"
+    for _ in $(seq 50); do
+        [ "$(grep -c "status:" "$work/log" || true)" -gt "$before" ] && break
+        sleep 0.1
+    done
+    grep "status:" "$work/log" | tail -1 | sed -E 's/^[^ ]+ /    /'
+}
+
+# Open a connection on a new descriptor, echo one line through it (waiting
+# up to ${2:-5} seconds for the echo), and keep it open.
+open_conn() {
+    local fd line wait=${2:-5}
+    exec {fd}<>"/dev/tcp/127.0.0.1/$port"
+    fds+=("$fd")
+    printf 'hello %s\n' "$1" >&"$fd"
+    if read -r -t "$wait" -u "$fd" line; then
+        note "connection $1: sent 'hello $1', got back '$line'"
+    else
+        note "connection $1: sent 'hello $1', no echo within $wait s"
+    fi
+}
+
+close_all() {
+    for fd in "${fds[@]}"; do
+        exec {fd}>&-
+    done
+    fds=()
+}
+
+run_mode() {
+    local mode=$1 cap=1024 line
+    [ "$mode" = off ] && cap=4
+    : >"$work/addr"
+    : >"$work/log"
+    say "=== --reap $mode ==="
+    case $mode in
+    handler) note "forkd reaps in its SIGCHLD handler: a child is collected the moment it exits." ;;
+    lazy) note "forkd reaps only just before it accepts a new client, like the textbook loop" \
+        "'accept; fork; waitpid(-1, WNOHANG)': finished children wait for the next client." ;;
+    off) note "forkd never reaps until it stops. Zombies pile up, and since each still" \
+        "holds a place, they count against --max-conns (here -c $cap)." ;;
+    esac
+    "$forkd" --reap "$mode" -c "$cap" -l 127.0.0.1:0 --print-addr --log stderr -v \
+        >"$work/addr" 2>"$work/log" &
+    forkd_pid=$!
+    for _ in $(seq 100); do
+        [ -s "$work/addr" ] && break
+        sleep 0.1
+    done
+    line=$(head -1 "$work/addr")
+    port=${line##*:}
+    [ -n "$port" ] || { echo "zombie-lab: forkd did not start:" >&2; cat "$work/log" >&2; exit 1; }
+    echo "\$ forkd --reap $mode -c $cap -l 127.0.0.1:0 --print-addr --log stderr -v &"
+    note "pid $forkd_pid, listening on port $port"
+
+    say "1. Three clients connect and stay connected"
+    for i in 1 2 3; do open_conn "$i"; done
+    show
+    note "The dispatcher (comm forkd) has one child per connection (comm forkd-conn," \
+        "command line 'forkd: conn PEER'). STAT S: sleeping in read(2), waiting for bytes."
+    pause
+
+    say "2. The three clients hang up"
+    close_all
+    sleep 0.5
+    show
+    show_forest
+    case $mode in
+    handler) note "No children left: each exit raised SIGCHLD, and the handler called" \
+        "waitpid(-1, WNOHANG) until none was left. Nothing to see, which is the point." ;;
+    lazy | off) note "The children have exited, but nobody has called waitpid() for them yet:" \
+        "STAT Z, args [forkd-conn] <defunct>. A zombie holds no memory or descriptors," \
+        "only its pid and exit status, kept for the parent to read." ;;
+    esac
+    note "" "forkd's own count (SIGUSR1 logs a status line):"
+    status
+    pause
+
+    say "3. A fourth client connects"
+    open_conn 4
+    sleep 0.3
+    show
+    case $mode in
+    handler) note "Just the new client's child." ;;
+    lazy) note "Accepting the new client first reaped the three zombies (forkd logged an" \
+        "'end pid' line for each); only the new child remains." ;;
+    off) note "The zombies are still there, next to the new child: 3 zombies + 1 live" \
+        "= 4 = the cap. forkd has stopped accepting." ;;
+    esac
+    if [ "$mode" = off ]; then
+        note "A fifth client now connects: the kernel completes the handshake and parks it"
+        note "in the listen backlog, but forkd does not accept it while at the cap:"
+        open_conn 5 1
+    fi
+    pause
+
+    say "4. forkd's log so far"
+    status >/dev/null
+    grep -E "end pid|status:|cap" "$work/log" | sed -E 's/^[^ ]+ /    /'
+    pause
+
+    say "5. Stop: SIGTERM"
+    note "The clients hang up and forkd is told to stop; whatever the mode, it reaps" \
+        "every child it still has before it exits."
+    local seen
+    seen=$(wc -l <"$work/log")
+    close_all
+    kill -TERM "$forkd_pid"
+    wait "$forkd_pid" || true
+    forkd_pid=""
+    tail -n +"$((seen + 1))" "$work/log" | sed -E 's/^[^ ]+ /    /'
+    pause
+}
+
+for mode in "${modes[@]}"; do
+    case $mode in
+    handler | lazy | off) run_mode "$mode" ;;
+    *) echo "zombie-lab: unknown mode '$mode' (handler, lazy or off)" >&2; exit 64 ;;
+    esac
+done
+say "Done."
+note "To watch by hand: forkd --reap off -l 127.0.0.1:7007 & then, in another" \
+    "terminal, connect and disconnect with 'nc 127.0.0.1 7007' and look at" \
+    "'ps -ef --forest' or 'ps -o pid,ppid,stat,comm,args --ppid \$(pgrep -x forkd)'."
