@@ -156,6 +156,11 @@ impl Config {
         if self.buffer == 0 {
             return Err(Error::usage("--buffer must be at least 1 byte"));
         }
+        // Each connection allocates its buffer when it starts; a size no
+        // allocation can meet would abort the process (in thread mode, all of forkd).
+        if self.buffer > MAX_BUFFER {
+            return Err(Error::usage("--buffer must be at most 64MiB"));
+        }
         if self.group.is_some() && self.user.is_none() {
             return Err(Error::usage("--group needs --user"));
         }
@@ -180,6 +185,10 @@ impl Config {
         (!self.idle_timeout.is_zero()).then_some(self.idle_timeout)
     }
 }
+
+/// The largest `--buffer`: far above any useful echo buffer, far below what
+/// a connection's allocation could fail on.
+pub const MAX_BUFFER: usize = 64 << 20;
 
 /// What parsing the command line ended with when it did not give a config.
 #[derive(Debug)]
