@@ -596,6 +596,7 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(&["-c", "0"], 64, "at least 1");
     check_error(&["--grace", "soon"], 64, "soon");
     check_error(&["--buffer", "0"], 64, "--buffer");
+    check_error(&["--buffer", "1TiB"], 64, "--buffer");
     check_error(&["--mode", "prefork"], 64, "prefork");
     check_error(
         &["--group", "daemon", "-l", "127.0.0.1:0"],
