@@ -1,1 +1,97 @@
-//! forkd-load: the load generator behind the `forkd-load` binary.
+//! forkd-load: the load generator behind the `forkd-load` binary, and the
+//! fork-vs-thread comparison built on it.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the subcommands and their options, parsed with clap.
+//! - [`report`]: what one run measured (the JSON fields), error kinds and how
+//!   an I/O error is sorted into one, printing.
+//! - [`pattern`]: the bytes sent, so every byte echoed can be checked.
+//! - [`rate`]: short connections, as many per second as the server takes.
+//! - [`stream`]: long connections echoing continuously.
+//! - [`hold`]: many idle connections, and what they cost the server.
+//! - [`proctree`]: a server's process tree from `/proc`: processes, threads,
+//!   zombies, PSS and CPU time.
+//! - [`sys`]: the generator's own CPU time, descriptor limit and CPU affinity.
+//! - [`progress`]: a progress bar on a terminal, nothing otherwise.
+//! - [`targets`]: starting the servers `compare` measures (forkd, the C
+//!   floor servers, Python, socat, tcpserver).
+//! - [`compare`]: the comparison run and `compare.json`.
+//! - [`markdown`] and [`chart`]: `compare.md` and `compare.svg`.
+//!
+//! The load generator is honest by construction: every byte that comes back
+//! is compared with the byte sent, a reply that is corrupt, short or too long
+//! is an error, and any error makes the exit status non-zero.
+
+pub mod chart;
+pub mod cli;
+pub mod compare;
+pub mod hold;
+pub mod markdown;
+pub mod pattern;
+pub mod proctree;
+pub mod progress;
+pub mod rate;
+pub mod report;
+pub mod stream;
+pub mod sys;
+pub mod targets;
+
+use std::process::ExitCode;
+
+use crate::error::Error;
+
+/// Every run was clean.
+pub const EXIT_OK: u8 = 0;
+/// A run counted errors (refused, reset, timeout, short read, corrupt, extra,
+/// other), or fewer connections were served than asked for.
+pub const EXIT_ERRORS: u8 = 1;
+/// An operating-system failure in the generator itself (threads, limits, /proc).
+pub use crate::error::EXIT_OSERR;
+/// A server to measure could not be found, built or started.
+pub use crate::error::EXIT_UNAVAILABLE;
+/// Bad command line.
+pub use crate::error::EXIT_USAGE;
+/// The output directory or a file in it could not be written.
+pub const EXIT_CANTCREAT: u8 = 73;
+
+/// The exit codes, as `--help` shows them.
+pub const EXIT_CODES_HELP: &str = "Exit status:
+  0   every run was clean
+  1   errors were counted (refused, reset, timeout, short read, corrupt, extra, other)
+      or fewer connections were served than asked for
+  64  bad command line
+  69  a server to measure could not be found, built or started
+  71  an operating-system failure in forkd-load itself
+  73  the output directory could not be written";
+
+/// The whole `forkd-load` program: parse, run, report an error once.
+pub fn main() -> ExitCode {
+    let args = match cli::Args::from_args(std::env::args_os()) {
+        Ok(a) => a,
+        Err(crate::cli::ParseOutcome::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(crate::cli::ParseOutcome::Error(e)) => return fail(&e),
+    };
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(&e),
+    }
+}
+
+/// Run one subcommand; `Ok` carries the exit status (0 or [`EXIT_ERRORS`]).
+pub fn run(args: cli::Args) -> Result<u8, Error> {
+    match args.command {
+        cli::Command::Rate(a) => rate::main(&a),
+        cli::Command::Stream(a) => stream::main(&a),
+        cli::Command::Hold(a) => hold::main(&a),
+        cli::Command::Compare(a) => compare::main(&a),
+    }
+}
+
+fn fail(e: &Error) -> ExitCode {
+    eprintln!("forkd-load: error: {e}");
+    ExitCode::from(e.code)
+}

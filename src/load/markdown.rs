@@ -1,0 +1,101 @@
+//! `compare.md`: the comparison as a Markdown table, one row per server,
+//! with the machine and settings it was measured with.
+
+use super::chart::short;
+use super::compare::{Comparison, Row};
+
+/// The whole file.
+pub fn render(c: &Comparison) -> String {
+    let mut out = String::new();
+    let m = &c.machine;
+    out.push_str("# forkd: fork vs thread under load\n\n");
+    out.push_str(&format!(
+        "Machine: {} CPUs ({}), Linux {}{}.\n\n",
+        m.cpus,
+        m.cpu,
+        m.kernel,
+        match &m.pinned {
+            Some(p) => format!(", {p}"),
+            None => String::new(),
+        }
+    ));
+    let s = &c.settings;
+    out.push_str(&format!(
+        "Workloads, each server in turn, {} round(s) in alternating order: \
+         rate {} workers x {} B for {} s; stream {} connections x {} B writes for {} s; \
+         hold {} idle connections.\n\n",
+        s.rounds,
+        s.concurrency,
+        s.size,
+        s.duration_s,
+        s.stream_conns,
+        s.stream_size,
+        s.duration_s,
+        s.hold
+    ));
+    out.push_str(&table(&c.servers));
+    out.push('\n');
+    out.push_str(
+        "conn/s, p50, p99: `rate` (a whole connection: connect, send, half-close, echo to \
+         end-of-file). MiB/s: `stream`, every byte checked. KiB/conn: growth of the server \
+         tree's PSS while holding, divided by the connections held. procs: processes in \
+         the tree while holding. CPU s: CPU time of the server's tree (utime + stime, \
+         children included) and of forkd-load itself during `rate`; CPU µs/conn is the \
+         server's per connection.\n",
+    );
+    for s in &c.skipped {
+        out.push_str(&format!("\nSkipped {}: {}.", s.name, s.reason));
+    }
+    for n in &c.notes {
+        out.push_str(&format!("\nNote: {n}"));
+    }
+    for r in &c.servers {
+        for n in &r.notes {
+            out.push_str(&format!("\nNote ({}): {n}", r.name));
+        }
+    }
+    if !c.skipped.is_empty() || !c.notes.is_empty() || c.servers.iter().any(|r| !r.notes.is_empty())
+    {
+        out.push('\n');
+    }
+    out
+}
+
+/// The table alone.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| server | conn/s | p50 µs | p99 µs | MiB/s | KiB/conn | procs | server CPU s | CPU µs/conn | load CPU s | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let num = |v: Option<f64>| v.map(short).unwrap_or_else(|| "–".to_string());
+    for r in rows {
+        let rate = r.rate.as_ref();
+        let lat = rate.and_then(|x| x.latency_us);
+        let hold = r.hold.as_ref();
+        let cpu_per_conn = rate.and_then(|x| match (x.server_cpu_s, x.conns) {
+            (Some(s), n) if n > 0 => Some(s * 1e6 / n as f64),
+            _ => None,
+        });
+        let errors: u64 = [&r.rate, &r.stream, &r.hold]
+            .iter()
+            .filter_map(|x| x.as_ref().map(|x| x.errors.total))
+            .sum();
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            num(rate.and_then(|x| x.conn_per_s)),
+            num(lat.map(|l| l.p50 as f64)),
+            num(lat.map(|l| l.p99 as f64)),
+            num(r.stream.as_ref().and_then(|x| x.mib_per_s)),
+            num(hold.and_then(|x| x.pss_kib_per_conn)),
+            hold.and_then(|x| x.procs)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "–".into()),
+            num(rate.and_then(|x| x.server_cpu_s)),
+            num(cpu_per_conn),
+            num(rate.map(|x| x.gen_cpu_s)),
+            errors
+        ));
+    }
+    out
+}

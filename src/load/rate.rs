@@ -1,0 +1,282 @@
+//! `rate`: short connections, one after another on each of N workers.
+//!
+//! A worker connects, sends `--size` bytes, half-closes (shutdown SHUT_WR,
+//! as a client of RFC 862 says "that is all"), reads the echo to its end,
+//! checks every byte, and starts again until the run's time is up. The
+//! latency of a connection is the whole of it, connect to end-of-file: it
+//! includes what the server spends to start serving it (a fork, a thread).
+//!
+//! A reply that ends early is a short read, a wrong byte is corruption, a
+//! byte too many is extra: all are errors.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::cli::RateArgs;
+use super::pattern;
+use super::proctree;
+use super::progress::Progress;
+use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
+use super::sys;
+use crate::error::{EXIT_OSERR, Error};
+
+/// Offsets into a worker's pattern, so consecutive connections send different bytes.
+const SHIFTS: usize = 251;
+/// Above this, a connection's sending moves to its own thread, so a server
+/// that echoes before reading everything cannot deadlock with us.
+const INLINE_WRITE_MAX: usize = 64 << 10;
+/// Pause after a failed connection, so a dead server is not hammered.
+const ERROR_PAUSE: Duration = Duration::from_millis(1);
+
+/// What a rate run is asked to do.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub addr: SocketAddr,
+    pub duration: Duration,
+    pub concurrency: usize,
+    pub size: usize,
+    pub timeout: Duration,
+    /// The server's pid, for its tree's CPU time.
+    pub pid: Option<i32>,
+}
+
+/// What a rate run measured; runs against one server can be merged.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub conns: u64,
+    pub bytes: u64,
+    pub errors: Errors,
+    pub latency: Histogram<u64>,
+    pub elapsed: Duration,
+    pub gen_cpu_s: f64,
+    pub server_cpu_s: Option<f64>,
+}
+
+impl Outcome {
+    pub fn merge(&mut self, o: &Outcome) {
+        self.conns += o.conns;
+        self.bytes += o.bytes;
+        self.errors.merge(&o.errors);
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency.add(&o.latency);
+        self.elapsed += o.elapsed;
+        self.gen_cpu_s += o.gen_cpu_s;
+        self.server_cpu_s = match (self.server_cpu_s, o.server_cpu_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+    }
+
+    pub fn report(&self, addr: SocketAddr) -> Report {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        Report {
+            workload: "rate",
+            addr: addr.to_string(),
+            elapsed_s: secs,
+            conns: self.conns,
+            conn_per_s: Some(self.conns as f64 / secs),
+            bytes: self.bytes,
+            mib_per_s: Some(self.bytes as f64 / MIB / secs),
+            latency_us: Latency::of(&self.latency),
+            errors: self.errors.clone(),
+            gen_cpu_s: self.gen_cpu_s,
+            server_cpu_s: self.server_cpu_s,
+            ok: self.errors.total == 0 && self.conns > 0,
+            ..Report::default()
+        }
+    }
+}
+
+/// `forkd-load rate`.
+pub fn main(a: &RateArgs) -> Result<u8, Error> {
+    let plan = Plan {
+        addr: a.common.addr,
+        duration: a.duration,
+        concurrency: a.concurrency,
+        size: a.size,
+        timeout: a.common.timeout,
+        pid: a.common.pid,
+    };
+    let report = run(&plan, "rate")?.report(plan.addr);
+    report.print(a.common.json);
+    Ok(report.exit_code())
+}
+
+/// Run the workload once.
+pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
+    let cpu0 = sys::self_cpu_s();
+    let server0 = proctree::cpu_s(plan.pid);
+    let start = Instant::now();
+    let deadline = start + plan.duration;
+    let progress = Progress::timer(plan.duration, label);
+    let results = std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(plan.concurrency);
+        for id in 0..plan.concurrency {
+            let spawned = std::thread::Builder::new()
+                .name(format!("rate-{id}"))
+                .stack_size(256 << 10)
+                .spawn_scoped(scope, move || worker(plan, id as u64, deadline));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => return Err(Error::os("cannot start a worker thread", e)),
+            }
+        }
+        progress.tick_until(start, deadline, || handles.iter().all(|h| h.is_finished()));
+        let mut all = Vec::with_capacity(handles.len());
+        for h in handles {
+            match h.join() {
+                Ok(r) => all.push(r),
+                Err(_) => return Err(Error::new(EXIT_OSERR, "a worker thread panicked")),
+            }
+        }
+        Ok(all)
+    })?;
+    progress.finish();
+    let elapsed = start.elapsed();
+    let mut total = Outcome {
+        conns: 0,
+        bytes: 0,
+        errors: Errors::default(),
+        latency: new_histogram(),
+        elapsed,
+        gen_cpu_s: sys::self_cpu_s() - cpu0,
+        server_cpu_s: match (server0, proctree::cpu_s(plan.pid)) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+    };
+    for w in results {
+        total.conns += w.conns;
+        total.bytes += w.bytes;
+        total.errors.merge(&w.errors);
+        let _ = total.latency.add(&w.latency);
+    }
+    Ok(total)
+}
+
+struct WorkerResult {
+    conns: u64,
+    bytes: u64,
+    errors: Errors,
+    latency: Histogram<u64>,
+}
+
+fn worker(plan: &Plan, id: u64, deadline: Instant) -> WorkerResult {
+    let source = pattern::bytes(plan.size + SHIFTS, id + 1);
+    let mut buf = vec![0u8; plan.size.clamp(4096, 64 << 10)];
+    let mut r = WorkerResult {
+        conns: 0,
+        bytes: 0,
+        errors: Errors::default(),
+        latency: new_histogram(),
+    };
+    let mut n = 0usize;
+    while Instant::now() < deadline {
+        let shift = n % SHIFTS;
+        n += 1;
+        let payload = &source[shift..shift + plan.size];
+        match one(plan.addr, payload, &mut buf, plan.timeout) {
+            Ok(took) => {
+                r.conns += 1;
+                r.bytes += payload.len() as u64;
+                record(&mut r.latency, took);
+            }
+            Err(f) => {
+                r.errors.add(f);
+                std::thread::sleep(ERROR_PAUSE);
+            }
+        }
+    }
+    r
+}
+
+/// One whole connection; its duration, or why it failed.
+pub fn one(
+    addr: SocketAddr,
+    payload: &[u8],
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<Duration, Failure> {
+    let t0 = Instant::now();
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::io("connect", &e))?;
+    let setup = s
+        .set_read_timeout(Some(timeout))
+        .and_then(|_| s.set_write_timeout(Some(timeout)))
+        .and_then(|_| s.set_nodelay(true));
+    setup.map_err(|e| Failure::io("socket options", &e))?;
+    if payload.len() <= INLINE_WRITE_MAX {
+        send(&mut s, payload)?;
+        read_echo(&mut s, payload, buf)?;
+    } else {
+        let mut w = s.try_clone().map_err(|e| Failure::io("dup", &e))?;
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(move || send(&mut w, payload));
+            let read = read_echo(&mut s, payload, buf);
+            let wrote = writer
+                .join()
+                .unwrap_or_else(|_| Err(Failure::new(Kind::Other, "writer panicked")));
+            // What came back decides; a write error is only news if the read was fine.
+            read.and(wrote)
+        })?;
+    }
+    Ok(t0.elapsed())
+}
+
+fn send(s: &mut TcpStream, payload: &[u8]) -> Result<(), Failure> {
+    s.write_all(payload).map_err(|e| Failure::io("write", &e))?;
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| Failure::io("shutdown", &e))
+}
+
+/// Read until end-of-file, checking each byte against `payload`.
+fn read_echo(s: &mut TcpStream, payload: &[u8], buf: &mut [u8]) -> Result<(), Failure> {
+    let mut got = 0usize;
+    loop {
+        let n = match s.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let mut f = Failure::io("read", &e);
+                f.message = format!("{} after {got} of {} bytes", f.message, payload.len());
+                return Err(f);
+            }
+        };
+        let inside = n.min(payload.len() - got);
+        let differs = buf[..inside] != payload[got..got + inside];
+        if let Some(i) = (0..inside).find(|&i| differs && buf[i] != payload[got + i]) {
+            return Err(Failure::new(
+                Kind::Corrupt,
+                format!(
+                    "byte {} of {} came back as {:#04x}, sent {:#04x}",
+                    got + i,
+                    payload.len(),
+                    buf[i],
+                    payload[got + i]
+                ),
+            ));
+        }
+        if inside < n {
+            return Err(Failure::new(
+                Kind::Extra,
+                format!(
+                    "at least {} bytes came back for {} sent",
+                    got + n,
+                    payload.len()
+                ),
+            ));
+        }
+        got += n;
+    }
+    if got < payload.len() {
+        return Err(Failure::new(
+            Kind::ShortRead,
+            format!("echo ended after {got} of {} bytes", payload.len()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! forkd-load against the real forkd, and against echo servers that lie.
+mod util;
+use util::*;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LOAD: &str = env!("CARGO_BIN_EXE_forkd-load");
+
+/// Run forkd-load with `args`, killing it if it outlives `limit`.
+fn load(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(LOAD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn forkd-load");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("forkd-load {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+/// Show everything about a run that went wrong.
+fn explain(args: &[&str], out: &Output) -> String {
+    format!(
+        "forkd-load {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The one JSON object a run printed.
+fn json(args: &[&str], out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no JSON\n{}", explain(args, out)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e})\n{}", explain(args, out)))
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v}"))
+}
+
+#[derive(Clone, Copy)]
+enum Lie {
+    /// Echo everything, with the first byte of each read flipped.
+    Flip,
+    /// Echo half of the first read, swallow the rest, close at end-of-input.
+    Truncate,
+}
+
+/// An echo server on a thread that lies in the given way.
+fn lying_server(lie: Lie) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve_lying(s, lie));
+        }
+    });
+    addr
+}
+
+fn serve_lying(mut s: TcpStream, lie: Lie) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = [0u8; 4096];
+    let mut first = true;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let reply = match lie {
+            Lie::Flip => {
+                buf[0] ^= 0x55;
+                &buf[..n]
+            }
+            Lie::Truncate if first => &buf[..n / 2],
+            Lie::Truncate => &buf[..0],
+        };
+        first = false;
+        if s.write_all(reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// A fresh directory under the system's temporary directory.
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("forkd-load-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn rate_and_stream_against_forkd_are_clean() {
+    let f = Forkd::start(&["-q"]);
+    let addr = f.addr().to_string();
+    let pid = f.pid().to_string();
+
+    let args = [
+        "rate",
+        "--addr",
+        &addr,
+        "--duration",
+        "1s",
+        "--concurrency",
+        "4",
+        "--json",
+        "--pid",
+        &pid,
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let r = json(&args, &out);
+    assert_eq!(r["workload"], "rate");
+    assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
+    assert!(num(&r, &["conns"]) > 10.0, "{r}");
+    assert!(num(&r, &["conn_per_s"]) > 10.0, "{r}");
+    let (p50, p99, max) = (
+        num(&r, &["latency_us", "p50"]),
+        num(&r, &["latency_us", "p99"]),
+        num(&r, &["latency_us", "max"]),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    assert!(num(&r, &["server_cpu_s"]) >= 0.0 && num(&r, &["gen_cpu_s"]) > 0.0);
+    assert_eq!(r["ok"], true);
+
+    let args = [
+        "stream",
+        "--addr",
+        &addr,
+        "--duration",
+        "1s",
+        "--conns",
+        "2",
+        "--size",
+        "16KiB",
+        "--json",
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let s = json(&args, &out);
+    assert_eq!(num(&s, &["errors", "total"]), 0.0, "{s}");
+    assert!(num(&s, &["bytes"]) > 1e6, "{s}");
+    assert!(num(&s, &["mib_per_s"]) > 1.0, "{s}");
+    assert!(s["server_cpu_s"].is_null(), "no --pid, no server CPU: {s}");
+}
+
+#[test]
+fn corrupting_server_fails_rate_and_stream() {
+    let addr = lying_server(Lie::Flip).to_string();
+    for (workload, size) in [("rate", "64"), ("stream", "8KiB")] {
+        let args = [
+            workload,
+            "--addr",
+            &addr,
+            "--duration",
+            "1s",
+            "--size",
+            size,
+            "--json",
+        ];
+        let out = load(&args, LIMIT);
+        assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
+        let r = json(&args, &out);
+        assert!(num(&r, &["errors", "corrupt"]) > 0.0, "{r}");
+        assert_eq!(
+            num(&r, &["errors", "total"]),
+            num(&r, &["errors", "corrupt"]),
+            "{r}"
+        );
+        assert_eq!(r["ok"], false);
+    }
+}
+
+#[test]
+fn truncating_server_counts_short_reads() {
+    let addr = lying_server(Lie::Truncate).to_string();
+    for (workload, size) in [("rate", "64"), ("stream", "8KiB")] {
+        let args = [
+            workload,
+            "--addr",
+            &addr,
+            "--duration",
+            "1s",
+            "--size",
+            size,
+            "--json",
+        ];
+        let out = load(&args, LIMIT);
+        assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
+        let r = json(&args, &out);
+        assert!(num(&r, &["errors", "short_read"]) > 0.0, "{r}");
+        // The stream's reader saw fewer bytes than were sent; nothing else went wrong.
+        assert_eq!(
+            num(&r, &["errors", "total"]),
+            num(&r, &["errors", "short_read"]),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn hold_counts_the_fork_tree_and_leaves_no_zombie() {
+    let f = Forkd::start(&["-q", "--mode", "fork"]);
+    let addr = f.addr().to_string();
+    let pid = f.pid().to_string();
+    let args = [
+        "hold", "--addr", &addr, "--conns", "50", "--pid", &pid, "--json",
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let h = json(&args, &out);
+    assert_eq!(num(&h, &["held"]), 50.0, "{h}");
+    assert_eq!(num(&h, &["procs"]), 51.0, "dispatcher + 50 children: {h}");
+    assert_eq!(num(&h, &["zombies_after"]), 0.0, "{h}");
+    assert_eq!(num(&h, &["procs_after"]), 1.0, "{h}");
+    assert!(num(&h, &["pss_kib_per_conn"]) > 0.0, "{h}");
+    assert_eq!(num(&h, &["errors", "total"]), 0.0, "{h}");
+    // Nothing left behind, as the tests' own view of /proc says too.
+    f.check(
+        wait_until(Duration::from_secs(5), || f.children().is_empty()),
+        "children left after hold",
+    );
+}
+
+#[test]
+fn compare_writes_a_table_a_chart_and_json() {
+    let dir = temp_dir("compare");
+    let out_dir = dir.to_string_lossy().to_string();
+    let args = [
+        "compare",
+        "--modes",
+        "fork,thread",
+        "--duration",
+        "1s",
+        "--hold",
+        "50",
+        "--concurrency",
+        "4",
+        "--stream-conns",
+        "2",
+        "--out",
+        &out_dir,
+    ];
+    let out = load(&args, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", explain(&args, &out));
+
+    let md = std::fs::read_to_string(dir.join("compare.md")).unwrap();
+    for name in ["forkd-fork", "forkd-thread"] {
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row for {name} in\n{md}"));
+        assert_eq!(row.matches('|').count(), 12, "{row}");
+        assert!(!row.contains("| – |"), "a missing figure in {row}");
+    }
+
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("compare.json")).unwrap()).unwrap();
+    let servers = j["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{j}");
+    for s in servers {
+        assert_eq!(s["ok"], true, "{s}");
+        assert_eq!(
+            s["stopped"], "exit 0",
+            "forkd stops cleanly on SIGTERM: {s}"
+        );
+        assert!(num(s, &["rate", "conn_per_s"]) > 0.0);
+        assert!(num(s, &["stream", "mib_per_s"]) > 0.0);
+        assert_eq!(num(s, &["hold", "held"]), 50.0);
+    }
+    let fork = &servers[0];
+    assert_eq!(fork["name"], "forkd-fork");
+    assert_eq!(num(fork, &["hold", "procs"]), 51.0);
+    assert_eq!(
+        num(&servers[1], &["hold", "procs"]),
+        1.0,
+        "thread mode is one process"
+    );
+
+    let svg = dir.join("compare.svg");
+    let check = Command::new("python3")
+        .args(["-c", "import sys, xml.dom.minidom as m; d = m.parse(sys.argv[1]); assert d.documentElement.tagName == 'svg'"])
+        .arg(&svg)
+        .output()
+        .expect("python3 to check the SVG");
+    assert!(
+        check.status.success(),
+        "compare.svg is not well-formed XML: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("forkd-fork") && text.contains("forkd-thread"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_arguments_are_one_line_usage_errors() {
+    for args in [
+        &["rate", "--addr", "192.0.2.7:7"][..],
+        &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
+        &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
+        &["frobnicate"],
+    ] {
+        let out = load(args, LIMIT);
+        assert_eq!(out.status.code(), Some(64), "{}", explain(args, &out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{}", explain(args, &out));
+        assert!(err.starts_with("forkd-load: error: "), "{err}");
+    }
+    // Nothing listening: refused connections are errors, and the exit says so.
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let args = ["rate", "--addr", &free, "--duration", "200ms", "--json"];
+    let out = load(&args, LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
+    assert!(num(&json(&args, &out), &["errors", "refused"]) > 0.0);
+}
