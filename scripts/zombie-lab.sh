@@ -30,14 +30,23 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$forkd_pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$forkd_pid" 2>/dev/null || true
     fi
-    [ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
+    if [ -n "${watchdog:-}" ]; then kill "$watchdog" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'echo "zombie-lab: interrupted" >&2; exit 130' INT TERM
 
 # Bound the whole lab in time, whatever happens.
-( sleep "${LAB_TIMEOUT:-120}"; echo "zombie-lab: timed out" >&2; kill -TERM $$ ) 2>/dev/null &
+# (The watchdog stops its own sleep when it is stopped, leaving nothing behind.)
+(
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "${LAB_TIMEOUT:-120}" &
+    nap=$!
+    if wait "$nap"; then
+        echo "zombie-lab: gave up after ${LAB_TIMEOUT:-120} s" >&2
+        kill -TERM $$ 2>/dev/null
+    fi
+) &
 watchdog=$!
 
 if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
