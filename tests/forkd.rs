@@ -58,6 +58,7 @@ fn hold(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 fn two_hundred_clients(mode: &str) {
     const CLIENTS: usize = 200;
     const LEN: usize = 64 << 10;
+    raise_nofile();
     let f = Forkd::start(&["--mode", mode, "--idle-timeout", "60s"]);
     let addr = f.addr();
     let ready = Arc::new(AtomicUsize::new(0));

@@ -445,3 +445,19 @@ pub fn unanswered(s: &mut TcpStream, limit: Duration) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     waiting
 }
+
+/// Raise this test process's descriptor limit to its hard limit, for tests
+/// that hold hundreds of sockets (the soft limit is often 1024).
+pub fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised rlimit.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
