@@ -546,14 +546,27 @@ fn restart_binds_at_once_despite_server_side_time_wait() {
     f.signal(libc::SIGTERM);
     f.expect_clean_exit(LONG);
     const TIME_WAIT: u8 = 0x06;
-    f.check(
-        wait_until(LONG, || tcp_states(addr.port()).contains(&TIME_WAIT)),
-        &format!(
-            "no TIME_WAIT on port {}: {:?}",
-            addr.port(),
-            tcp_states(addr.port())
-        ),
-    );
+    let waiting = wait_until(Duration::from_secs(5), || {
+        tcp_states(addr.port()).contains(&TIME_WAIT)
+    });
+    if !waiting {
+        // The kernel skips TIME_WAIT only when its table of them is full
+        // (tcp_max_tw_buckets), as a busy load test elsewhere can make it.
+        let max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_max_tw_buckets")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        let all = tcp_states_all().iter().filter(|&&s| s == TIME_WAIT).count();
+        f.check(
+            all + 100 >= max,
+            &format!(
+                "no TIME_WAIT on port {} ({:?}), with {all} of {max} TIME_WAIT slots in use",
+                addr.port(),
+                tcp_states(addr.port())
+            ),
+        );
+        eprintln!("TIME_WAIT table full ({all} of {max}): restarting without one on the port");
+    }
 
     let listen = addr.to_string();
     let again = Forkd::start(&["-l", &listen]);

@@ -345,6 +345,20 @@ pub fn ended(pid: i32) -> bool {
 /// TCP states (as /proc/net/tcp numbers them: 0A LISTEN, 06 TIME_WAIT...) of
 /// every IPv4 and IPv6 socket whose local port is `port`.
 pub fn tcp_states(port: u16) -> Vec<u8> {
+    tcp_sockets()
+        .into_iter()
+        .filter(|&(p, _)| p == port)
+        .map(|(_, st)| st)
+        .collect()
+}
+
+/// The states of every IPv4 and IPv6 TCP socket of this network namespace.
+pub fn tcp_states_all() -> Vec<u8> {
+    tcp_sockets().into_iter().map(|(_, st)| st).collect()
+}
+
+/// (local port, state) of every IPv4 and IPv6 TCP socket, from /proc/net.
+fn tcp_sockets() -> Vec<(u16, u8)> {
     let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -355,15 +369,12 @@ pub fn tcp_states(port: u16) -> Vec<u8> {
             let (Some(local), Some(state)) = (f.get(1), f.get(3)) else {
                 continue;
             };
-            let local_port = local
+            let port = local
                 .rsplit(':')
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port != Some(port) {
-                continue;
-            }
-            if let Ok(st) = u8::from_str_radix(state, 16) {
-                out.push(st);
+            if let (Some(port), Ok(st)) = (port, u8::from_str_radix(state, 16)) {
+                out.push((port, st));
             }
         }
     }
