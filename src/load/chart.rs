@@ -6,6 +6,7 @@ use std::path::Path;
 
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::compare::Row;
 
@@ -70,6 +71,12 @@ fn draw_inner(path: &Path, rows: &[Row], subtitle: &str) -> Result<(), Box<dyn s
         ("sans-serif", 20),
     )?;
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    // Integer ranges are inclusive when made discrete: 0..n-1 gives n segments.
+    let segments = 0..n - 1;
+    let label = ("sans-serif", 12)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
     for (panel, area) in PANELS.iter().zip(root.split_evenly((2, 2)).iter()) {
         let values: Vec<Option<f64>> = rows.iter().map(|r| (panel.value)(r)).collect();
         let top = values.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
@@ -79,10 +86,11 @@ fn draw_inner(path: &Path, rows: &[Row], subtitle: &str) -> Result<(), Box<dyn s
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n).into_segmented(), 0f64..top)?;
+            .build_cartesian_2d(segments.clone().into_segmented(), 0f64..top)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .light_line_style(WHITE)
             .x_labels(n)
             .x_label_style(("sans-serif", 12))
             .x_label_formatter(&|x| match x {
@@ -114,8 +122,8 @@ fn draw_inner(path: &Path, rows: &[Row], subtitle: &str) -> Result<(), Box<dyn s
             v.map(|v| {
                 Text::new(
                     short(v),
-                    (SegmentValue::CenterOf(i), v + top * 0.02),
-                    ("sans-serif", 12).into_font().color(&BLACK),
+                    (SegmentValue::CenterOf(i), v + top * 0.01),
+                    label.clone(),
                 )
             })
         }))?;
@@ -127,7 +135,9 @@ fn draw_inner(path: &Path, rows: &[Row], subtitle: &str) -> Result<(), Box<dyn s
 /// 12345 → "12.3k", 3.14159 → "3.14".
 pub fn short(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e6 {
+    if a == 0.0 {
+        "0".to_string()
+    } else if a >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if a >= 1e4 {
         format!("{:.1}k", v / 1e3)

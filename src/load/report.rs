@@ -75,10 +75,13 @@ impl Failure {
 
     /// A failed operation `what` (connect, read, write...).
     pub fn io(what: &str, e: &io::Error) -> Failure {
-        Failure::new(
-            Kind::of(e),
-            format!("{what}: {}", crate::error::describe(e)),
-        )
+        let kind = Kind::of(e);
+        let text = match kind {
+            // EAGAIN's own text ("resource temporarily unavailable") hides that it is a timeout.
+            Kind::Timeout => "timed out".to_string(),
+            _ => crate::error::describe(e),
+        };
+        Failure::new(kind, format!("{what}: {text}"))
     }
 }
 

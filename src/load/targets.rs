@@ -164,10 +164,14 @@ impl Launcher {
                 };
                 let port = free_port()?;
                 let mut cmd = Command::new(socat);
-                cmd.arg(format!(
-                    "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024"
-                ))
-                .arg("PIPE");
+                // -b 4096: with socat's default 8 KiB blocks, a write into
+                // the PIPE can block on a nearly full pipe that only socat
+                // itself drains, and a long stream stalls.
+                cmd.args(["-b", "4096"])
+                    .arg(format!(
+                        "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024"
+                    ))
+                    .arg("PIPE");
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 self.spawn(kind, cmd, Ready::Connect(addr))
                     .map(Started::Running)

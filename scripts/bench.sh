@@ -1,0 +1,83 @@
+#!/bin/sh
+# forkd's performance targets, checked in one comparison run against the C
+# floor servers and the peers, printed as ratios with PASS or FAIL.
+#
+# usage: scripts/bench.sh [OUT_DIR] [more forkd-load compare options]
+#   OUT_DIR defaults to target/bench; DURATION (default 10s) sets the length
+#   of the rate and stream runs per server.
+# Workloads: rate 32 workers x 64 B, stream 4 connections x 64 KiB writes,
+# hold 2000 connections. Exit status: 0 all targets pass, 1 a target fails
+# or a run counted errors, 2 a figure could not be measured.
+set -eu
+cd "$(dirname "$0")/.."
+
+out=target/bench
+case "${1:-}" in
+-h | --help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+"" | -*) ;;
+*) out=$1; shift ;;
+esac
+mkdir -p "$out"
+
+cargo build --release --bins
+bin="${CARGO_TARGET_DIR:-target}/release"
+status=0
+"$bin/forkd-load" compare --forkd "$bin/forkd" --json \
+	--modes fork,thread --floor --peers \
+	--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --hold 2000 \
+	--duration "${DURATION:-10s}" --out "$out" "$@" >"$out/runs.jsonl" || status=$?
+
+python3 - "$out/runs.jsonl" "$status" <<'PY'
+import json, sys
+
+runs = {}
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line:
+        r = json.loads(line)
+        runs[(r["target"], r["workload"])] = r
+compare_status = int(sys.argv[2])
+
+def get(target, workload, *path):
+    v = runs.get((target, workload))
+    for p in path:
+        if v is None:
+            return None
+        v = v.get(p)
+    return v
+
+rate = lambda t: get(t, "rate", "conn_per_s")
+p99 = lambda t: get(t, "rate", "latency_us", "p99")
+mibs = lambda t: get(t, "stream", "mib_per_s")
+pss = lambda t: get(t, "hold", "pss_kib_per_conn")
+
+# (what, measured, how it compares, target)
+checks = []
+def ratio(what, a, b, op, target):
+    v = None if a is None or not b else a / b
+    checks.append((what, v, op, target))
+
+ratio("forkd-fork conn/s / floor-fork", rate("forkd-fork"), rate("floor-fork"), ">=", 1.0)
+ratio("forkd-fork conn/s / socat", rate("forkd-fork"), rate("socat"), ">=", 2.5)
+ratio("forkd-fork conn/s / python-fork", rate("forkd-fork"), rate("python-fork"), ">=", 6.0)
+ratio("forkd-thread conn/s / floor-thread", rate("forkd-thread"), rate("floor-thread"), ">=", 1.0)
+checks.append(("forkd-fork PSS KiB/conn", pss("forkd-fork"), "<=", 40.0))
+checks.append(("forkd-thread PSS KiB/conn", pss("forkd-thread"), "<=", 16.0))
+ratio("forkd-fork p99 / floor-fork p99", p99("forkd-fork"), p99("floor-fork"), "<=", 1.0)
+ratio("forkd-fork MiB/s / floor-fork", mibs("forkd-fork"), mibs("floor-fork"), ">=", 0.9)
+ratio("forkd-thread MiB/s / floor-thread", mibs("forkd-thread"), mibs("floor-thread"), ">=", 0.9)
+
+failed = missing = 0
+for what, v, op, target in checks:
+    if v is None:
+        missing += 1
+        print(f"{what:40} {'-':>8}  {op} {target:<5} SKIP (not measured)")
+        continue
+    ok = v >= target if op == ">=" else v <= target
+    failed += not ok
+    print(f"{what:40} {v:8.2f}  {op} {target:<5} {'PASS' if ok else 'FAIL'}")
+if compare_status != 0:
+    print(f"forkd-load compare exited {compare_status}: a run counted errors (see compare.md)")
+print(f"{len(checks) - failed - missing} pass, {failed} fail, {missing} not measured")
+sys.exit(1 if failed or compare_status else (2 if missing else 0))
+PY
