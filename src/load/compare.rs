@@ -95,6 +95,8 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     for dir in [out.clone(), out.join("logs")] {
         std::fs::create_dir_all(&dir).map_err(|e| cant_create(&dir, e))?;
     }
+    // Counted before pinning, which narrows what this process may use.
+    let cpus = sys::cpus();
     let mut notes = Vec::new();
     let mut pinned = None;
     let mut server_cpus = None;
@@ -261,7 +263,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     }
 
     let comparison = Comparison {
-        machine: machine(pinned),
+        machine: machine(cpus, pinned),
         settings: Settings {
             duration_s: a.duration.as_secs_f64(),
             rounds: a.rounds,
@@ -349,7 +351,7 @@ fn cant_create(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Kernel release and CPU model, from /proc.
-pub fn machine(pinned: Option<String>) -> Machine {
+pub fn machine(cpus: usize, pinned: Option<String>) -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
@@ -365,7 +367,7 @@ pub fn machine(pinned: Option<String>) -> Machine {
     Machine {
         kernel,
         cpu,
-        cpus: sys::cpus(),
+        cpus,
         pinned,
     }
 }
