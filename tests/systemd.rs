@@ -1,0 +1,757 @@
+//! forkd as a systemd citizen, without a running systemd: socket activation
+//! and `--inetd` through `systemd-socket-activate`, `sd_notify` messages on a
+//! datagram socket the test binds, journald prefixes through
+//! `JOURNAL_STREAM`, the units in `systemd/` through `systemd-analyze`, and
+//! `scripts/install.sh` into a staging directory.
+//!
+//! Every wait has a deadline, and each test arms a 60 s alarm as a backstop.
+mod util;
+use util::*;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Backstop for a test that hangs despite its deadlines: SIGALRM ends the
+/// test binary after 60 s (each test re-arms it when it starts).
+fn watchdog() {
+    // SAFETY: alarm(2) only schedules a signal.
+    unsafe { libc::alarm(60) };
+}
+
+/// Panic with install advice when a systemd tool is missing.
+fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} not found: install systemd (Debian: apt-get install systemd) to run these tests"
+    );
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "forkd-systemd-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A spawned process whose stdout and stderr are collected as they come;
+/// killed (SIGKILL) and waited for on drop.
+struct Running {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    what: String,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Running {
+        let what = format!("{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        Running {
+            child,
+            out,
+            err,
+            what,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn out(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn log(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Panic with the command and its output unless `ok`.
+    fn check(&self, ok: bool, what: &str) {
+        if !ok {
+            panic!(
+                "{what}\ncommand: {}\nstdout:\n{}\nstderr:\n{}",
+                self.what,
+                self.out(),
+                self.log()
+            );
+        }
+    }
+
+    fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(needle))
+    }
+
+    /// SIGTERM, then wait up to `limit` for the exit.
+    fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&text);
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(r);
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    text
+}
+
+fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// A port free right now on 127.0.0.1 (and on ::1 when `v6`). Another
+/// process may take it before it is used: callers retry on a failed bind.
+fn free_port(v6: bool) -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !v6 || TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Start `systemd-socket-activate [PRE...] -l HOST:PORT... FORKD ARGS...`
+/// on a free port, retrying with another port when the bind fails. Returns
+/// once every socket is listening, with the addresses.
+fn socket_activate(
+    hosts: &[&str],
+    pre: &[&str],
+    forkd_args: &[&str],
+) -> (Running, Vec<SocketAddr>) {
+    let v6 = hosts.iter().any(|h| h.starts_with('['));
+    for _attempt in 0..5 {
+        let port = free_port(v6);
+        let addrs: Vec<SocketAddr> = hosts
+            .iter()
+            .map(|h| format!("{h}:{port}").parse().unwrap())
+            .collect();
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args(pre);
+        for a in &addrs {
+            cmd.arg("-l").arg(a.to_string());
+        }
+        cmd.arg(FORKD).args(forkd_args).env_remove("NOTIFY_SOCKET");
+        let mut run = Running::spawn(cmd);
+        let listening = wait_until(10 * SECOND, || {
+            run.log().matches("Listening on").count() == addrs.len() || run.exited()
+        });
+        if listening && !run.exited() {
+            return (run, addrs);
+        }
+        run.check(
+            run.log().contains("Address already in use"),
+            "systemd-socket-activate did not listen",
+        );
+    }
+    panic!("no free port for systemd-socket-activate after 5 tries");
+}
+
+/// Socket activation: forkd serves every passed socket, names them in its
+/// log, prints their addresses, and stops cleanly on SIGTERM.
+fn activated(mode: &str, hosts: &[&str], names: Option<&str>) {
+    watchdog();
+    require("systemd-socket-activate");
+    let fdname = names.map(|n| format!("--fdname={n}"));
+    let pre: Vec<&str> = fdname.iter().map(String::as_str).collect();
+    let (mut run, addrs) = socket_activate(
+        hosts,
+        &pre,
+        &["--print-addr", "--log", "stderr", "--mode", mode],
+    );
+    // systemd-socket-activate execs forkd (same pid) at the first connection.
+    let first = pattern(100_000, 7);
+    run.check(roundtrip(addrs[0], &first) == first, "first echo differs");
+    run.check(
+        wait_until(10 * SECOND, || run.out().lines().count() == addrs.len()),
+        "forkd did not print every activated address",
+    );
+    let printed: Vec<SocketAddr> = run.out().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(printed, addrs);
+    for (i, a) in addrs.iter().enumerate() {
+        let data = pattern(4096 + i, i as u64);
+        run.check(
+            roundtrip(*a, &data) == data,
+            &format!("echo on {a} differs"),
+        );
+    }
+    let names: Vec<String> = match names {
+        Some(n) => n.split(':').map(str::to_string).collect(),
+        None => addrs.iter().map(|a| a.to_string()).collect(),
+    };
+    run.check(
+        run.wait_log(
+            &format!("socket-activated on {}", names.join(", ")),
+            5 * SECOND,
+        ),
+        "no start-up line naming the activated sockets",
+    );
+    if let Some(n) = fdname.as_ref().map(|_| &names) {
+        for (name, a) in n.iter().zip(&addrs) {
+            run.check(
+                run.log().contains(&format!("socket {name} is {a}")),
+                &format!("the log does not say socket {name} is {a}"),
+            );
+        }
+    }
+    if mode == "fork" {
+        run.check(
+            wait_until(5 * SECOND, || {
+                run.log().matches("end pid ").count() > addrs.len()
+            }),
+            "fork mode logged no child ends",
+        );
+    }
+    let status = run.terminate(15 * SECOND);
+    run.check(
+        status.is_some_and(|s| s.success()),
+        &format!("forkd did not stop cleanly on SIGTERM: {status:?}"),
+    );
+}
+
+/// Both loopbacks when IPv6 is there; IPv4 alone (with a note) when not.
+fn both_families() -> Vec<&'static str> {
+    if ipv6_loopback() {
+        vec!["127.0.0.1", "[::1]"]
+    } else {
+        eprintln!("note: no IPv6 loopback here; testing activation over IPv4 only");
+        vec!["127.0.0.1"]
+    }
+}
+
+#[test]
+fn socket_activation_fork_one_unnamed_socket() {
+    activated("fork", &["127.0.0.1"], None);
+}
+
+#[test]
+fn socket_activation_fork_ipv4_and_ipv6_named() {
+    let hosts = both_families();
+    let names = ["echo4", "echo6"][..hosts.len()].join(":");
+    activated("fork", &hosts, Some(&names));
+}
+
+#[test]
+fn socket_activation_thread_ipv4_and_ipv6_named() {
+    let hosts = both_families();
+    let names = ["echo4", "echo6"][..hosts.len()].join(":");
+    activated("thread", &hosts, Some(&names));
+}
+
+/// `--inetd` under `systemd-socket-activate --inetd --accept`: one forkd
+/// process per connection, each echoing on its own stdin.
+#[test]
+fn inetd_one_process_per_connection() {
+    watchdog();
+    require("systemd-socket-activate");
+    let (run, addrs) = socket_activate(
+        &["127.0.0.1"],
+        &["--inetd", "--accept"],
+        &["--inetd", "--log", "stderr"],
+    );
+    let mut a = connect(addrs[0]);
+    let mut b = connect(addrs[0]);
+    ping(&mut a, b"first client\n");
+    ping(&mut b, b"second client\n");
+    // Both connections are open, so both forkd processes are alive.
+    let mut pids = Vec::new();
+    let both = wait_until(5 * SECOND, || {
+        pids = children_of(run.pid())
+            .into_iter()
+            .filter(|p| p.comm == "forkd" && p.state != 'Z')
+            .map(|p| p.pid)
+            .collect();
+        pids.len() == 2
+    });
+    run.check(both, &format!("expected two forkd processes, saw {pids:?}"));
+    ping(&mut a, b"again\n");
+    drop(a);
+    drop(b);
+    run.check(
+        wait_until(5 * SECOND, || run.log().matches("inetd conn ").count() == 2),
+        "each forkd --inetd should log its connection once",
+    );
+    for pid in &pids {
+        run.check(
+            run.log()
+                .contains(&format!("forkd[{pid}] INFO: inetd conn 127.0.0.1:")),
+            &format!("no inetd line from forkd {pid}"),
+        );
+    }
+    run.check(
+        wait_until(5 * SECOND, || {
+            run.log().matches("died with code 0").count() == 2
+        }),
+        "both forkd --inetd processes should exit 0",
+    );
+}
+
+/// Receive notification datagrams until one contains `needle`; all received.
+fn recv_until(
+    sock: &UnixDatagram,
+    needle: &str,
+    limit: Duration,
+) -> Result<Vec<String>, Vec<String>> {
+    let end = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        sock.set_read_timeout(Some(
+            end.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = msg.contains(needle);
+                got.push(msg);
+                if done {
+                    return Ok(got);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Err(got)
+}
+
+fn notifications(mode: &str) {
+    watchdog();
+    let dir = TempDir::new("notify");
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut cmd = Command::new(FORKD);
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut f = Forkd::start_with(cmd, &["--mode", mode, "--max-conns", "8"]);
+
+    let ready = recv_until(&sock, "READY=1", 5 * SECOND);
+    let got = ready.unwrap_or_else(|g| panic!("no READY=1; got {g:?}\nlog:\n{}", f.log()));
+    let last = got.last().unwrap();
+    assert!(
+        last.lines().any(|l| l == "STATUS=active 0/8, served 0"),
+        "READY=1 should come with the status: {last:?}"
+    );
+
+    // Counts change: a STATUS= update follows within about a second.
+    let data = pattern(1000, 3);
+    assert!(roundtrip(f.addr(), &data) == data);
+    let status = recv_until(&sock, "served 1", 5 * SECOND);
+    f.check(
+        status.is_ok(),
+        &format!("no STATUS= with served 1: {status:?}"),
+    );
+
+    f.signal(libc::SIGTERM);
+    let stopping = recv_until(&sock, "STOPPING=1", 5 * SECOND);
+    f.check(stopping.is_ok(), &format!("no STOPPING=1: {stopping:?}"));
+    let st = f.wait_exit(15 * SECOND);
+    f.check(st.is_some_and(|s| s.success()), &format!("exit {st:?}"));
+}
+
+#[test]
+fn notify_ready_status_stopping_fork() {
+    notifications("fork");
+}
+
+#[test]
+fn notify_ready_status_stopping_thread() {
+    notifications("thread");
+}
+
+/// A NOTIFY_SOCKET nobody listens on changes nothing.
+#[test]
+fn notify_socket_without_listener_is_harmless() {
+    watchdog();
+    let dir = TempDir::new("nonotify");
+    let mut cmd = Command::new(FORKD);
+    cmd.env("NOTIFY_SOCKET", dir.path().join("absent.sock"));
+    let mut f = Forkd::start_with(cmd, &[]);
+    let data = pattern(5000, 9);
+    assert!(roundtrip(f.addr(), &data) == data);
+    f.signal(libc::SIGTERM);
+    let st = f.wait_exit(15 * SECOND);
+    f.check(st.is_some_and(|s| s.success()), &format!("exit {st:?}"));
+}
+
+/// Run forkd with stderr to a file and JOURNAL_STREAM set by `journal`
+/// (given the file's `dev:ino`); serve two clients at --max-conns 1 (so a
+/// warning is logged), stop, and return the log's lines.
+fn log_with_journal_stream(journal: impl Fn(&str) -> String) -> Vec<String> {
+    let dir = TempDir::new("journal");
+    let log_path = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&log_path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut cmd = Command::new(FORKD);
+    cmd.args(["--print-addr", "--log", "stderr", "-l", "127.0.0.1:0", "-v"])
+        .args(["--max-conns", "1", "--mode", "fork"])
+        .env(
+            "JOURNAL_STREAM",
+            journal(&format!("{}:{}", meta.dev(), meta.ino())),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(file);
+    let mut child = cmd.spawn().unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut guard = KillOnDrop(child);
+    let addr: Option<SocketAddr> =
+        wait_until(10 * SECOND, || out.lock().unwrap().lines().count() > 0)
+            .then(|| out.lock().unwrap().lines().next().unwrap().parse().unwrap());
+    let addr = addr.unwrap_or_else(|| panic!("forkd printed no address; log:\n{}", read_log()));
+
+    let mut a = connect(addr);
+    ping(&mut a, b"one");
+    // The cap is reached: the second client waits in the backlog.
+    let mut b = TcpStream::connect_timeout(&addr, 5 * SECOND).unwrap();
+    b.set_read_timeout(Some(10 * SECOND)).unwrap();
+    assert!(
+        wait_until(5 * SECOND, || read_log().contains("at the cap")),
+        "no at-the-cap warning; log:\n{}",
+        read_log()
+    );
+    drop(a);
+    ping(&mut b, b"two");
+    drop(b);
+    assert!(
+        wait_until(5 * SECOND, || read_log().matches("end pid ").count() == 2),
+        "two ends should be logged; log:\n{}",
+        read_log()
+    );
+    let child = &mut guard.0;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = wait_until(15 * SECOND, || child.try_wait().unwrap().is_some());
+    let st = child.try_wait().unwrap();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "exit {st:?}; log:\n{}",
+        read_log()
+    );
+    read_log().lines().map(str::to_string).collect()
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn journal_stream_gives_priority_prefixes_and_no_timestamps() {
+    watchdog();
+    let lines = log_with_journal_stream(|dev_ino| dev_ino.to_string());
+    let all = lines.join("\n");
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let prio = line
+            .strip_prefix('<')
+            .and_then(|r| r.split_once('>'))
+            .and_then(|(n, _)| n.parse::<u8>().ok());
+        assert!(
+            prio.is_some_and(|p| p <= 7),
+            "line without a <N> prefix: {line:?}\n{all}"
+        );
+        let text = &line[3..];
+        assert!(
+            !text.starts_with(|c: char| c.is_ascii_digit()) && !text.contains(" forkd["),
+            "journald lines carry no timestamp or pid tag of their own: {line:?}"
+        );
+    }
+    assert!(
+        all.contains("<6>forkd "),
+        "start-up line at info (6):\n{all}"
+    );
+    assert!(
+        all.contains("<4>at the cap"),
+        "cap warning at warning (4):\n{all}"
+    );
+    assert!(
+        all.contains("<7>child "),
+        "a child's debug line (7) names the child:\n{all}"
+    );
+}
+
+#[test]
+fn journal_stream_of_another_file_gives_plain_lines() {
+    watchdog();
+    let lines = log_with_journal_stream(|dev_ino| {
+        let (dev, ino) = dev_ino.split_once(':').unwrap();
+        format!("{dev}:{}", ino.parse::<u64>().unwrap() + 1)
+    });
+    for line in &lines {
+        assert!(
+            line.starts_with(|c: char| c.is_ascii_digit()) && line.contains(" forkd["),
+            "plain lines start with a timestamp: {line:?}"
+        );
+    }
+}
+
+// ---- units and install.sh
+
+const UNITS: [&str; 5] = [
+    "forkd.socket",
+    "forkd.service",
+    "forkd-standalone.service",
+    "forkd-inetd.socket",
+    "forkd-inetd@.service",
+];
+
+/// The highest `systemd-analyze security` exposure each service may have.
+const EXPOSURE: [(&str, f64); 3] = [
+    ("forkd.service", 0.5),
+    ("forkd-inetd@.service", 0.5),
+    ("forkd-standalone.service", 1.5),
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The units, copied to `dir` with ExecStart= pointing at the built forkd
+/// (`systemd-analyze verify` checks that the binary exists).
+fn units_in(dir: &Path) -> Vec<PathBuf> {
+    UNITS
+        .iter()
+        .map(|u| {
+            let text = std::fs::read_to_string(repo().join("systemd").join(u)).unwrap();
+            let dest = dir.join(u);
+            std::fs::write(&dest, text.replace("/usr/local/bin/forkd", FORKD)).unwrap();
+            dest
+        })
+        .collect()
+}
+
+fn analyze(args: &[&str], unit: &Path) -> (bool, String) {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .arg(unit)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn units_pass_verify_without_warnings() {
+    watchdog();
+    require("systemd-analyze");
+    let dir = TempDir::new("verify");
+    for unit in units_in(dir.path()) {
+        let (ok, text) = analyze(&["verify"], &unit);
+        // Warnings (unknown keys, bad values) do not fail verify: refuse them too.
+        let ours: Vec<&str> = text.lines().filter(|l| l.contains("forkd")).collect();
+        assert!(
+            ok && ours.is_empty(),
+            "systemd-analyze verify {}:\n{text}",
+            unit.display()
+        );
+    }
+}
+
+#[test]
+fn services_meet_their_exposure_bounds() {
+    watchdog();
+    require("systemd-analyze");
+    let dir = TempDir::new("security");
+    units_in(dir.path());
+    for (unit, bound) in EXPOSURE {
+        let path = dir.path().join(unit);
+        let (_, text) = analyze(&["security", "--offline=true", "--no-pager"], &path);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.split_once("Overall exposure level for ")?
+                    .1
+                    .split_once(": ")
+            })
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{text}"));
+        assert!(
+            score <= bound,
+            "{unit}: exposure {score} above {bound}:\n{text}"
+        );
+        eprintln!("{unit}: exposure {score} (bound {bound})");
+    }
+}
+
+/// What the deployments promise, read from the unit files.
+#[test]
+fn units_say_what_the_deployments_promise() {
+    let read = |u: &str| std::fs::read_to_string(repo().join("systemd").join(u)).unwrap();
+    let has = |u: &str, line: &str| {
+        assert!(
+            read(u).lines().any(|l| l.trim() == line),
+            "{u} should have the line {line:?}"
+        )
+    };
+    has("forkd.socket", "ListenStream=0.0.0.0:7");
+    has("forkd.socket", "ListenStream=[::]:7");
+    has("forkd-inetd.socket", "Accept=yes");
+    for service in ["forkd.service", "forkd-standalone.service"] {
+        has(service, "Type=notify");
+        has(service, "KillMode=mixed");
+        has(service, "DynamicUser=yes");
+    }
+    for service in ["forkd.service", "forkd-inetd@.service"] {
+        has(service, "PrivateNetwork=yes");
+        has(service, "RestrictAddressFamilies=AF_UNIX");
+        has(service, "CapabilityBoundingSet=");
+    }
+    has(
+        "forkd-standalone.service",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+    );
+    has(
+        "forkd-standalone.service",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+    );
+    has("forkd-inetd@.service", "StandardInput=socket");
+    has("forkd-inetd@.service", "StandardError=journal");
+    assert!(read("forkd-inetd@.service").contains("ExecStart=/usr/local/bin/forkd --inetd"));
+}
+
+fn install_sh(destdir: &Path, args: &[&str]) -> String {
+    let out = Command::new("sh")
+        .arg(repo().join("scripts/install.sh"))
+        .args(args)
+        .env("DESTDIR", destdir)
+        .env("PREFIX", "/opt/forkd")
+        .env("FORKD_BIN", FORKD)
+        .env_remove("UNITDIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "install.sh {args:?} failed:\n{text}");
+    text
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn install_sh_installs_into_destdir_and_uninstalls() {
+    watchdog();
+    let dest = TempDir::new("install");
+    let text = install_sh(dest.path(), &[]);
+    assert!(
+        text.contains("systemctl enable --now forkd.socket"),
+        "{text}"
+    );
+
+    let bin = dest.path().join("opt/forkd/bin/forkd");
+    let unitdir = dest.path().join("etc/systemd/system");
+    let mut expected: Vec<PathBuf> = UNITS.iter().map(|u| unitdir.join(u)).collect();
+    expected.push(bin.clone());
+    expected.sort();
+    assert_eq!(files_under(dest.path()), expected);
+    assert!(std::fs::read(&bin).unwrap() == std::fs::read(FORKD).unwrap());
+    for u in UNITS.iter().filter(|u| u.ends_with(".service")) {
+        let text = std::fs::read_to_string(unitdir.join(u)).unwrap();
+        assert!(
+            text.contains("ExecStart=/opt/forkd/bin/forkd "),
+            "{u}:\n{text}"
+        );
+        assert!(
+            !text.contains("/usr/local/bin/forkd"),
+            "{u} still names /usr/local"
+        );
+    }
+
+    install_sh(dest.path(), &["--uninstall"]);
+    assert_eq!(files_under(dest.path()), Vec::<PathBuf>::new());
+}
