@@ -4,8 +4,17 @@
 //! Everything here is a no-op outside systemd: without `NOTIFY_SOCKET` the
 //! notifications go nowhere, and without `LISTEN_PID`/`LISTEN_FDS` naming
 //! this process forkd binds its `--listen` addresses itself.
+//!
+//! Notifications are sent here rather than by `sd_notify::notify`, which
+//! only knows file-system sockets: `NOTIFY_SOCKET` may also name an abstract
+//! one (`@name`, sd_notify(3)), as container managers and tests use.
 
+use std::ffi::OsStr;
+use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 use sd_notify::NotifyState;
 
@@ -14,17 +23,37 @@ use crate::listen::Listener;
 
 /// Tell the service manager forkd is accepting (Type=notify).
 pub fn ready(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+    notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// Update the one-line status `systemctl status` shows.
 pub fn status(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+    notify(&[NotifyState::Status(status)]);
 }
 
 /// A graceful stop has begun.
 pub fn stopping(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    notify(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// Send one datagram of `STATE=value` lines to `NOTIFY_SOCKET`, if set.
+/// Failures are ignored: nobody listening must not stop forkd.
+fn notify(states: &[NotifyState]) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let _ = send(&target, message.as_bytes());
+}
+
+fn send(target: &OsStr, message: &[u8]) -> io::Result<()> {
+    let sock = UnixDatagram::unbound()?;
+    match target.as_bytes().strip_prefix(b"@") {
+        Some(name) => sock.connect_addr(&SocketAddr::from_abstract_name(name)?)?,
+        None => sock.connect(target)?,
+    }
+    sock.send(message)?;
+    Ok(())
 }
 
 /// Is a service manager listening for notifications?

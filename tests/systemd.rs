@@ -355,6 +355,42 @@ fn inetd_one_process_per_connection() {
     );
 }
 
+/// Classic inetd passes the connection as stdin, stdout and stderr: forkd
+/// must keep its log lines out of the echo.
+#[test]
+fn inetd_with_stderr_on_the_connection_echoes_only_the_data() {
+    watchdog();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = connect(listener.local_addr().unwrap());
+    let (conn, _) = listener.accept().unwrap();
+    let fd = std::os::fd::OwnedFd::from(conn);
+    let mut cmd = Command::new(FORKD);
+    cmd.args(["--inetd", "--log", "stderr"])
+        .stdin(fd.try_clone().unwrap())
+        .stdout(fd.try_clone().unwrap())
+        .stderr(fd);
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let data = pattern(50_000, 11);
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    let w = std::thread::spawn(move || {
+        std::io::Write::write_all(&mut writer, &sent).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).unwrap();
+    w.join().unwrap();
+    assert!(
+        back == data,
+        "the echo carried {} extra bytes: {:?}",
+        back.len() as i64 - data.len() as i64,
+        String::from_utf8_lossy(back.get(data.len()..).unwrap_or_default())
+    );
+    let c = &mut child.0;
+    assert!(wait_until(5 * SECOND, || c.try_wait().unwrap().is_some()));
+    assert!(c.try_wait().unwrap().unwrap().success());
+}
+
 /// Receive notification datagrams until one contains `needle`; all received.
 fn recv_until(
     sock: &UnixDatagram,
@@ -426,6 +462,26 @@ fn notify_ready_status_stopping_fork() {
 #[test]
 fn notify_ready_status_stopping_thread() {
     notifications("thread");
+}
+
+/// NOTIFY_SOCKET may name an abstract socket (`@name`, sd_notify(3)).
+#[test]
+fn notify_over_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    watchdog();
+    let name = format!("forkd-test-notify-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    let mut cmd = Command::new(FORKD);
+    cmd.env("NOTIFY_SOCKET", format!("@{name}"));
+    let mut f = Forkd::start_with(cmd, &["--mode", "thread"]);
+    let ready = recv_until(&sock, "READY=1", 5 * SECOND);
+    f.check(ready.is_ok(), &format!("no READY=1: {ready:?}"));
+    f.signal(libc::SIGTERM);
+    let stopping = recv_until(&sock, "STOPPING=1", 5 * SECOND);
+    f.check(stopping.is_ok(), &format!("no STOPPING=1: {stopping:?}"));
+    let st = f.wait_exit(15 * SECOND);
+    f.check(st.is_some_and(|s| s.success()), &format!("exit {st:?}"));
 }
 
 /// A NOTIFY_SOCKET nobody listens on changes nothing.
