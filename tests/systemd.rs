@@ -428,28 +428,46 @@ fn notifications(mode: &str) {
     let sock = UnixDatagram::bind(&path).unwrap();
     let mut cmd = Command::new(FORKD);
     cmd.env("NOTIFY_SOCKET", &path);
-    let mut f = Forkd::start_with(cmd, &["--mode", mode, "--max-conns", "8"]);
+    let mut f = Forkd::start_with(cmd, &["--mode", mode, "--max-conns", "2"]);
 
     let ready = recv_until(&sock, "READY=1", 5 * SECOND);
     let got = ready.unwrap_or_else(|g| panic!("no READY=1; got {g:?}\nlog:\n{}", f.log()));
     let last = got.last().unwrap();
     assert!(
-        last.lines().any(|l| l == "STATUS=active 0/8, served 0"),
+        last.lines().any(|l| l == "STATUS=active 0/2, served 0"),
         "READY=1 should come with the status: {last:?}"
     );
 
-    // Counts change: a STATUS= update follows within about a second.
+    // Counts change: a STATUS= update follows within about a second each time.
     let data = pattern(1000, 3);
     assert!(roundtrip(f.addr(), &data) == data);
-    let status = recv_until(&sock, "served 1", 5 * SECOND);
+    let status = recv_until(&sock, "STATUS=active 0/2, served 1", 5 * SECOND);
     f.check(
         status.is_ok(),
         &format!("no STATUS= with served 1: {status:?}"),
     );
+    let mut a = connect(f.addr());
+    let mut b = connect(f.addr());
+    ping(&mut a, b"a");
+    ping(&mut b, b"b");
+    let status = recv_until(&sock, "STATUS=active 2/2 (at cap), served 3", 5 * SECOND);
+    f.check(
+        status.is_ok(),
+        &format!("no STATUS= at the cap: {status:?}"),
+    );
+    drop(b);
+    let status = recv_until(&sock, "STATUS=active 1/2, served 3", 5 * SECOND);
+    f.check(
+        status.is_ok(),
+        &format!("no STATUS= below the cap: {status:?}"),
+    );
 
+    // The stop begins with one connection open, which then finishes.
     f.signal(libc::SIGTERM);
     let stopping = recv_until(&sock, "STOPPING=1", 5 * SECOND);
     f.check(stopping.is_ok(), &format!("no STOPPING=1: {stopping:?}"));
+    ping(&mut a, b"still served while stopping");
+    drop(a);
     let st = f.wait_exit(15 * SECOND);
     f.check(st.is_some_and(|s| s.success()), &format!("exit {st:?}"));
 }
