@@ -1,7 +1,7 @@
 //! Fork mode, the child's side: everything that runs in a connection's
 //! process between `fork` and `_exit`.
 //!
-//! In order: log lines get the child's own pid; signal handling goes back to
+//! In order: signal handling goes back to
 //! the defaults with an empty mask; with `--die-with-parent` the kernel is
 //! asked to end the child with its dispatcher; every inherited descriptor
 //! but the connection and stdio is closed (listeners, wake-up pipe, syslog
@@ -10,33 +10,38 @@
 //! returns into dispatcher code nor runs its destructors or atexit handlers.
 //! The exit status says how the connection ended ([`End::exit_code`]).
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use log::debug;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::echo::{self, End};
-use crate::logging;
 use crate::signals;
 use crate::title::{self, TitleArea};
 
 /// What a child needs to know, prepared once by the dispatcher.
 #[derive(Clone, Debug)]
 pub struct ChildSetup {
-    pub buffer: usize,
-    pub idle: Option<Duration>,
     pub die_with_parent: bool,
     pub dispatcher: Pid,
     pub title: Option<TitleArea>,
 }
 
 /// Serve one connection in this freshly forked child, then `_exit`.
-pub fn serve(conn: OwnedFd, peer: SocketAddr, setup: &ChildSetup, bytes: &AtomicU64) -> ! {
-    logging::in_child();
+///
+/// `buf` is the dispatcher's untouched echo buffer mapping (see
+/// [`echo::Buffer`]); `bytes` is this child's scoreboard slot.
+pub fn serve(
+    conn: OwnedFd,
+    peer: SocketAddr,
+    setup: &ChildSetup,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+    bytes: &AtomicU64,
+) -> ! {
     signals::reset_in_child();
     if setup.die_with_parent {
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
@@ -46,15 +51,18 @@ pub fn serve(conn: OwnedFd, peer: SocketAddr, setup: &ChildSetup, bytes: &Atomic
         }
     }
     close_inherited(conn.as_raw_fd());
-    title::set_comm("forkd-conn");
+    title::set_comm(c"forkd-conn");
     if let Some(area) = &setup.title {
-        area.set(&format!("forkd: conn {peer}"));
+        // Formatted on the stack: a heap string would dirty allocator pages.
+        let mut title = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut title[..]);
+        let _ = write!(cursor, "forkd: conn {peer}");
+        let len = cursor.position() as usize;
+        area.set(&title[..len]);
     }
 
     let mut sock = TcpStream::from(conn);
-    let _ = echo::set_idle_timeout(&sock, setup.idle);
-    let mut buf = vec![0u8; setup.buffer];
-    let outcome = echo::serve(&mut sock, &mut buf);
+    let outcome = echo::serve(&mut sock, buf);
     bytes.store(outcome.bytes, Ordering::Relaxed);
     debug!(
         "conn {peer}: {}, {} bytes",
@@ -78,8 +86,8 @@ fn close_inherited(keep: i32) {
             continue;
         }
         // SAFETY: close_range(2) only closes descriptors; none in these ranges
-        // is used by the child after this point (the syslog connection was
-        // forgotten by `logging::in_child`, and the connection is kept).
+        // is used by the child after this point (the logger never uses the
+        // dispatcher's syslog connection in a child, and `keep` is kept).
         let r = unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32) };
         if r != 0 {
             // Kernels before 5.9: close what the dispatcher can have open.

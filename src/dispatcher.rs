@@ -13,22 +13,23 @@
 //! until a connection ends (SIGCHLD or a thread's wake-up), never spinning
 //! and never waiting in `waitpid`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::PollTimeout;
 use nix::sys::signal::Signal;
 
 use crate::echo::End;
 use crate::error::{EXIT_SOFTWARE, Error};
 use crate::limits::PerIp;
 use crate::listen::Listener;
+use crate::scoreboard::{Scoreboard, shared_zeroed};
 use crate::signals::{Pending, Signals};
 use crate::systemd;
 
@@ -38,19 +39,26 @@ pub trait Model {
     fn name(&self) -> String;
     /// What an id is in log lines ("pid" for processes, "conn" for threads).
     fn id_label(&self) -> &'static str;
-    /// Serve `conn` (from `peer`) with the echo handler; returns the id under
-    /// which its end will be reported. On error the connection is closed.
-    fn start(&mut self, conn: OwnedFd, peer: SocketAddr) -> io::Result<u64>;
-    /// Report connections that ended since the last call.
-    fn collect(&mut self, why: Collect, ended: &mut Vec<Ended>);
-    /// Ask (Terminate) or force (Kill) the given connections to end.
-    fn stop(&mut self, how: Stop, ids: &mut dyn Iterator<Item = u64>);
+    /// Serve `conn` (from `peer`, scoreboard slot `slot`) with the echo
+    /// handler, which stores its byte count in `bytes` at the end; returns
+    /// the connection's id (a pid, say). On error the connection is closed.
+    fn start(
+        &mut self,
+        conn: OwnedFd,
+        peer: SocketAddr,
+        slot: u32,
+        bytes: &'static AtomicU64,
+    ) -> io::Result<u64>;
+    /// Report, by slot, each connection that ended since the last call.
+    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How));
+    /// Ask (Terminate) or force (Kill) the given (slot, id) connections to end.
+    fn stop(&mut self, how: Stop, targets: &mut dyn Iterator<Item = (u32, u64)>);
     /// Has this connection's process ended without being reaped?
     fn is_zombie(&self, _id: u64) -> bool {
         false
     }
     /// Last call before forkd exits: report anything still unreported.
-    fn finish(&mut self, ended: &mut Vec<Ended>) {
+    fn finish(&mut self, ended: &mut dyn FnMut(u32, How)) {
         self.collect(Collect::NeedRoom, ended);
     }
 }
@@ -71,14 +79,6 @@ pub enum Collect {
 pub enum Stop {
     Terminate,
     Kill,
-}
-
-/// One ended connection.
-#[derive(Clone, Copy, Debug)]
-pub struct Ended {
-    pub id: u64,
-    pub bytes: u64,
-    pub how: How,
 }
 
 /// How a connection's process or thread ended.
@@ -125,11 +125,6 @@ pub struct Summary {
     pub ended: u64,
     pub killed: u64,
     pub refused_per_ip: u64,
-}
-
-struct Record {
-    peer: SocketAddr,
-    start: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +179,7 @@ pub struct Dispatcher<M: Model> {
     listeners: Vec<Listener>,
     signals: Signals,
     settings: Settings,
-    conns: HashMap<u64, Record>,
+    board: Scoreboard,
     per_ip: PerIp,
     summary: Summary,
     at_cap: bool,
@@ -192,20 +187,33 @@ pub struct Dispatcher<M: Model> {
     stopping: Option<(Phase, Instant)>,
     status_sent: Option<Instant>,
     status_dirty: bool,
-    ended: Vec<Ended>,
+    /// The poll set: room for the wake-up pipe and every listener.
+    pollfds: &'static mut [libc::pollfd],
+    /// How many entries of `pollfds` the last poll used.
+    polled: usize,
     per_ip_log: Throttle,
     start_fail_log: Throttle,
     accept_fail_log: Throttle,
 }
 
 impl<M: Model> Dispatcher<M> {
-    pub fn new(model: M, listeners: Vec<Listener>, signals: Signals, settings: Settings) -> Self {
-        Dispatcher {
+    /// `board` must have room for `settings.max_conns` connections.
+    pub fn new(
+        model: M,
+        board: Scoreboard,
+        listeners: Vec<Listener>,
+        signals: Signals,
+        settings: Settings,
+    ) -> Result<Self, Error> {
+        // SAFETY: all-zero is a valid pollfd (plain integers).
+        let pollfds = unsafe { shared_zeroed::<libc::pollfd>(1 + listeners.len()) }
+            .map_err(|e| Error::os("cannot map the poll set", e))?;
+        Ok(Dispatcher {
+            board,
             model,
             listeners,
             signals,
             per_ip: PerIp::new(settings.max_per_ip),
-            conns: HashMap::with_capacity(settings.max_conns.min(1 << 16)),
             settings,
             summary: Summary::default(),
             at_cap: false,
@@ -213,15 +221,17 @@ impl<M: Model> Dispatcher<M> {
             stopping: None,
             status_sent: None,
             status_dirty: true,
-            ended: Vec::new(),
+            pollfds,
+            polled: 0,
             per_ip_log: Throttle::default(),
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
-        }
+        })
     }
 
     /// Serve until a stop signal, then drain; returns what was done.
     pub fn run(mut self) -> Result<Summary, Error> {
+        let label = self.model.id_label();
         loop {
             let now = Instant::now();
             if self.paused_until.is_some_and(|t| now >= t) {
@@ -229,15 +239,15 @@ impl<M: Model> Dispatcher<M> {
             }
             let accepting = self.stopping.is_none()
                 && self.paused_until.is_none()
-                && self.conns.len() < self.settings.max_conns;
+                && self.board.active() < self.settings.max_conns;
             let timeout = self.timeout(now);
-            let (woken, readable) = self.wait(accepting, timeout)?;
+            let woken = self.wait(accepting, timeout)?;
 
             if woken {
                 let pending = self.signals.take();
                 self.on_signals(pending);
             }
-            let why = if self.stopping.is_some() || self.conns.len() >= self.settings.max_conns {
+            let why = if self.stopping.is_some() || self.board.active() >= self.settings.max_conns {
                 Collect::NeedRoom
             } else {
                 Collect::Woken
@@ -250,47 +260,71 @@ impl<M: Model> Dispatcher<M> {
                 }
                 continue;
             }
-            for i in readable {
-                self.accept_from(i);
+            for i in 0..self.listeners.len() {
+                if self.listener_ready(i) {
+                    self.accept_from(i);
+                }
             }
             self.update_cap_episode();
             self.send_status(Instant::now());
         }
-        self.model.finish(&mut self.ended);
-        self.log_ends();
+        let Dispatcher {
+            model,
+            board,
+            per_ip,
+            summary,
+            ..
+        } = &mut self;
+        model.finish(&mut |slot, how| log_end(board, per_ip, summary, label, slot, how));
         Ok(self.summary)
     }
 
-    /// Poll the wake-up pipe and (when accepting) the listeners. Returns
-    /// whether the pipe was readable and which listeners are.
-    fn wait(&mut self, accepting: bool, timeout: PollTimeout) -> Result<(bool, Vec<usize>), Error> {
-        let mut fds = Vec::with_capacity(1 + self.listeners.len());
-        fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
+    /// Poll the wake-up pipe and (when accepting) the listeners; returns
+    /// whether the pipe was readable. Which listeners are readable is left
+    /// in `self.pollfds` (see [`Self::listener_ready`]).
+    ///
+    /// The poll set lives in shared memory, like the scoreboard, so writing
+    /// it leaves no copy-on-write page in the children forked before.
+    fn wait(&mut self, accepting: bool, timeout: PollTimeout) -> Result<bool, Error> {
+        let entry = |fd: i32| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        self.pollfds[0] = entry(self.signals.as_fd().as_raw_fd());
+        self.polled = 1;
         if accepting {
-            fds.extend(
-                self.listeners
-                    .iter()
-                    .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
-            );
-        }
-        match poll(&mut fds, timeout) {
-            Ok(_) => {}
-            // A signal: its handler wrote to the pipe, so look at the pipe.
-            Err(Errno::EINTR) => return Ok((true, Vec::new())),
-            Err(e) => {
-                return Err(Error::new(
-                    EXIT_SOFTWARE,
-                    format!("poll failed: {}", crate::error::describe(&e.into())),
-                ));
+            for (i, l) in self.listeners.iter().enumerate() {
+                self.pollfds[1 + i] = entry(l.as_fd().as_raw_fd());
             }
+            self.polled += self.listeners.len();
         }
-        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-        let woken = ready(&fds[0]);
-        let readable = (1..fds.len())
-            .filter(|&i| ready(&fds[i]))
-            .map(|i| i - 1)
-            .collect();
-        Ok((woken, readable))
+        let timeout: i32 = timeout.into();
+        // SAFETY: `pollfds` holds at least `polled` valid pollfd structures,
+        // and every descriptor among them stays open during the call.
+        let n = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.polled as libc::nfds_t,
+                timeout,
+            )
+        };
+        if n < 0 {
+            return match Errno::last() {
+                // A signal: its handler wrote to the pipe, so look at the pipe.
+                Errno::EINTR => Ok(true),
+                e => Err(Error::new(
+                    EXIT_SOFTWARE,
+                    format!("poll failed: {}", e.desc()),
+                )),
+            };
+        }
+        Ok(self.pollfds[0].revents != 0)
+    }
+
+    /// Did the last poll find listener `i` readable?
+    fn listener_ready(&self, i: usize) -> bool {
+        i + 1 < self.polled && self.pollfds[i + 1].revents != 0
     }
 
     /// How long poll may sleep: until the next deadline, if any.
@@ -321,7 +355,7 @@ impl<M: Model> Dispatcher<M> {
         if pending.has(Pending::QUIT) {
             info!(
                 "SIGQUIT: killing {} connections and exiting",
-                self.conns.len()
+                self.board.active()
             );
             self.begin_stop();
             self.stop_all(Stop::Kill);
@@ -331,7 +365,7 @@ impl<M: Model> Dispatcher<M> {
                 None => {
                     info!(
                         "stopping: no new connections; {} active may finish within {}",
-                        self.conns.len(),
+                        self.board.active(),
                         humantime::format_duration(self.settings.grace)
                     );
                     self.begin_stop();
@@ -349,12 +383,12 @@ impl<M: Model> Dispatcher<M> {
     /// Close the listeners (so clients are refused, not queued) and tell systemd.
     fn begin_stop(&mut self) {
         self.listeners.clear();
-        systemd::stopping(&format!("stopping: {} active", self.conns.len()));
+        systemd::stopping(&format!("stopping: {} active", self.board.active()));
     }
 
     /// One step of the stop: true when every connection has ended.
     fn drain_step(&mut self, now: Instant) -> bool {
-        let live = self.conns.len() - self.zombies();
+        let live = self.board.active() - self.zombies();
         if live == 0 {
             return true;
         }
@@ -385,60 +419,45 @@ impl<M: Model> Dispatcher<M> {
 
     fn stop_all(&mut self, how: Stop) {
         let model = &self.model;
-        let mut ids = self
-            .conns
-            .keys()
-            .copied()
-            .filter(|&id| !model.is_zombie(id))
+        let mut targets = self
+            .board
+            .assigned()
+            .filter(|&(_, id)| !model.is_zombie(id))
             .collect::<Vec<_>>()
             .into_iter();
-        self.model.stop(how, &mut ids);
+        self.model.stop(how, &mut targets);
     }
 
     fn zombies(&self) -> usize {
-        self.conns
-            .keys()
-            .filter(|&&id| self.model.is_zombie(id))
+        self.board
+            .assigned()
+            .filter(|&(_, id)| self.model.is_zombie(id))
             .count()
     }
 
+    /// Collect ended connections from the model; log each and free its slot.
     fn collect(&mut self, why: Collect) {
-        self.model.collect(why, &mut self.ended);
-        self.log_ends();
-    }
-
-    /// Log and forget every collected end, releasing its counters.
-    fn log_ends(&mut self) {
         let label = self.model.id_label();
-        for end in self.ended.drain(..) {
-            let Some(rec) = self.conns.remove(&end.id) else {
-                continue;
-            };
-            self.per_ip.release(rec.peer.ip());
-            self.summary.ended += 1;
-            self.status_dirty = true;
-            let secs = rec.start.elapsed().as_secs_f64();
-            if matches!(end.how, How::Signaled(_)) {
-                self.summary.killed += 1;
-            }
-            let line = format_args!(
-                "end {label} {} {}: {}, {} bytes echoed in {secs:.3}s",
-                end.id, rec.peer, end.how, end.bytes
-            );
-            if end.how.is_normal() {
-                info!("{line}");
-            } else {
-                warn!("{line}");
-            }
-        }
+        let Dispatcher {
+            model,
+            board,
+            per_ip,
+            summary,
+            status_dirty,
+            ..
+        } = self;
+        model.collect(why, &mut |slot, how| {
+            log_end(board, per_ip, summary, label, slot, how);
+            *status_dirty = true;
+        });
     }
 
     /// Accept up to a batch of connections from listener `i`.
     fn accept_from(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
-            if self.conns.len() >= self.settings.max_conns {
+            if self.board.active() >= self.settings.max_conns {
                 self.collect(Collect::NeedRoom);
-                if self.conns.len() >= self.settings.max_conns {
+                if self.board.active() >= self.settings.max_conns {
                     return;
                 }
             }
@@ -491,20 +510,21 @@ impl<M: Model> Dispatcher<M> {
             }
             return;
         }
-        match self.model.start(conn, peer) {
+        let Some(slot) = self.board.claim(peer) else {
+            // Unreachable: accepting stops at the cap, and the board holds the cap.
+            self.per_ip.release(peer.ip());
+            return;
+        };
+        let bytes = self.board.bytes_cell(slot);
+        match self.model.start(conn, peer, slot, bytes) {
             Ok(id) => {
                 debug!("start {} {id} for {peer}", self.model.id_label());
-                self.conns.insert(
-                    id,
-                    Record {
-                        peer,
-                        start: Instant::now(),
-                    },
-                );
+                self.board.assign(slot, id);
                 self.summary.served += 1;
                 self.status_dirty = true;
             }
             Err(e) => {
+                self.board.release(slot);
                 self.per_ip.release(peer.ip());
                 let now = Instant::now();
                 if let Some(n) = self.start_fail_log.allow(now) {
@@ -522,7 +542,7 @@ impl<M: Model> Dispatcher<M> {
 
     /// Log the moment the cap is reached, once per episode, and when it is left.
     fn update_cap_episode(&mut self) {
-        let full = self.conns.len() >= self.settings.max_conns;
+        let full = self.board.active() >= self.settings.max_conns;
         if full && !self.at_cap {
             warn!(
                 "at the cap of {} connections: accepting paused (new clients wait in the backlog)",
@@ -546,7 +566,7 @@ impl<M: Model> Dispatcher<M> {
         let cap = if self.at_cap { " (at cap)" } else { "" };
         systemd::status(&format!(
             "active {}/{}{cap}, served {}",
-            self.conns.len(),
+            self.board.active(),
             self.settings.max_conns,
             self.summary.served
         ));
@@ -558,11 +578,43 @@ impl<M: Model> Dispatcher<M> {
         format!(
             "status: mode {}, active {}/{}, served {}, reaped {}, zombies {}",
             self.model.name(),
-            self.conns.len(),
+            self.board.active(),
             self.settings.max_conns,
             self.summary.served,
             self.summary.ended,
             self.zombies()
         )
+    }
+}
+
+/// Log one ended connection and free its slot and per-address count.
+fn log_end(
+    board: &mut Scoreboard,
+    per_ip: &mut PerIp,
+    summary: &mut Summary,
+    label: &str,
+    slot: u32,
+    how: How,
+) {
+    let rec = board.release(slot);
+    per_ip.release(rec.peer.ip());
+    summary.ended += 1;
+    if matches!(how, How::Signaled(_)) {
+        summary.killed += 1;
+    }
+    let level = if how.is_normal() {
+        log::Level::Info
+    } else {
+        log::Level::Warn
+    };
+    if log::log_enabled!(level) {
+        let secs = rec.start.elapsed().as_secs_f64();
+        log::log!(
+            level,
+            "end {label} {} {}: {how}, {} bytes echoed in {secs:.3}s",
+            rec.id,
+            rec.peer,
+            rec.bytes
+        );
     }
 }

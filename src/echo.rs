@@ -8,14 +8,21 @@
 //! client is honoured: its FIN ends reading, and everything read before it
 //! still goes back.
 //!
-//! The idle timeout is the socket's SO_RCVTIMEO and SO_SNDTIMEO: a read that
+//! The idle timeout is the socket's SO_RCVTIMEO and SO_SNDTIMEO (set on the
+//! listener, whose accepted sockets inherit them): a read that
 //! waits that long for a byte, or a write that cannot hand the kernel a
 //! single byte for that long (a client that stopped reading), ends the
 //! connection. Any progress starts the clock again.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::io::{self, ErrorKind, Write};
+use std::mem::MaybeUninit;
+use std::net::TcpStream;
+use std::num::NonZeroUsize;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
 use std::time::Duration;
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +65,54 @@ impl End {
     }
 }
 
+/// An echo buffer in its own anonymous mapping.
+///
+/// Pages of a fresh mapping cost nothing until written, so a connection
+/// that echoes 64 bytes dirties one page, not the whole buffer (a heap
+/// buffer would be zeroed, or carry allocator bookkeeping, and every page so
+/// touched would be copied into each forked child). Fork mode maps one
+/// buffer before the first fork and never touches it in the dispatcher;
+/// each child writes only into its own copy-on-write pages of it.
+pub struct Buffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Buffer {
+    pub fn new(len: usize) -> io::Result<Buffer> {
+        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty buffer"))?;
+        // SAFETY: a fresh private anonymous mapping aliases no other memory.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )?
+        };
+        Ok(Buffer {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [MaybeUninit<u8>] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, and
+        // borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, no longer borrowed.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// SAFETY: a Buffer owns its mapping exclusively, like a Box<[u8]>.
+unsafe impl Send for Buffer {}
+
 /// The result of one echo session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -73,12 +128,15 @@ pub fn set_idle_timeout(sock: &TcpStream, idle: Option<Duration>) -> io::Result<
 }
 
 /// Echo everything on `sock` back to it until the client closes, using `buf`.
-pub fn serve(sock: &mut TcpStream, buf: &mut [u8]) -> Outcome {
+///
+/// The buffer need not be initialised: only bytes the kernel wrote into it
+/// are ever read, so no page of it is touched before data arrives.
+pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>]) -> Outcome {
     let mut bytes = 0u64;
     loop {
-        let n = match sock.read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
+        let data = match receive(sock, buf) {
+            Ok([]) => break,
+            Ok(data) => data,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
                 return Outcome {
@@ -88,8 +146,8 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [u8]) -> Outcome {
             }
         };
         let mut sent = 0;
-        while sent < n {
-            match sock.write(&buf[sent..n]) {
+        while sent < data.len() {
+            match sock.write(&data[sent..]) {
                 Ok(0) => {
                     return Outcome {
                         bytes,
@@ -110,13 +168,24 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [u8]) -> Outcome {
             }
         }
     }
-    // The client's FIN arrived and every byte went back; send ours. Errors
-    // here (the client already gone) change nothing about the outcome.
-    let _ = sock.shutdown(Shutdown::Write);
+    // The client's FIN arrived and every byte went back. Our FIN follows
+    // when the caller closes the socket (a child's exit, a thread's end).
     Outcome {
         bytes,
         end: End::Closed,
     }
+}
+
+/// One recv(2) into `buf`; returns the bytes received (empty at end of stream).
+fn receive<'a>(sock: &TcpStream, buf: &'a mut [MaybeUninit<u8>]) -> io::Result<&'a [u8]> {
+    // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which is
+    // valid for writes of that length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialised the first `n` bytes of `buf`.
+    Ok(unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) })
 }
 
 fn classify(e: &io::Error) -> End {
@@ -133,7 +202,8 @@ fn classify(e: &io::Error) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::io::Read;
+    use std::net::{Shutdown, TcpListener};
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -145,7 +215,7 @@ mod tests {
     #[test]
     fn echoes_and_honours_half_close() {
         let (mut client, mut server) = pair();
-        let t = std::thread::spawn(move || serve(&mut server, &mut [0u8; 7]));
+        let t = std::thread::spawn(move || serve(&mut server, &mut [MaybeUninit::uninit(); 7]));
         let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
         client.write_all(&data).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -165,7 +235,7 @@ mod tests {
     fn silent_client_times_out() {
         let (_client, mut server) = pair();
         set_idle_timeout(&server, Some(Duration::from_millis(100))).unwrap();
-        let out = serve(&mut server, &mut [0u8; 64]);
+        let out = serve(&mut server, &mut [MaybeUninit::uninit(); 64]);
         assert_eq!(out.end, End::IdleTimeout);
     }
 }

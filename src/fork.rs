@@ -12,10 +12,10 @@
 //!
 //! Children are reaped according to `--reap` (see [`crate::reaper`]).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicU64;
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::WaitStatus;
@@ -23,29 +23,28 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::child::{self, ChildSetup};
 use crate::cli::ReapMode;
-use crate::dispatcher::{Collect, Ended, How, Model, Stop};
+use crate::dispatcher::{Collect, How, Model, Stop};
+use crate::echo::Buffer;
 use crate::reaper;
-use crate::scoreboard::Scoreboard;
+use crate::scoreboard::PidIndex;
 
 pub struct ForkModel {
     reap: ReapMode,
     setup: ChildSetup,
-    board: Scoreboard,
-    /// Live (and, unreaped, dead) children: pid -> scoreboard slot.
-    children: HashMap<Pid, u32>,
-    reaped: Vec<(Pid, WaitStatus)>,
+    /// Child pid -> scoreboard slot.
+    pids: PidIndex,
+    /// The echo buffer every child inherits; the dispatcher never touches it.
+    buffer: Buffer,
 }
 
 impl ForkModel {
-    /// `max_conns` sizes the scoreboard and the reaper's ring; call
-    /// [`reaper::install`] with at least that capacity first.
-    pub fn new(reap: ReapMode, setup: ChildSetup, max_conns: usize) -> nix::Result<ForkModel> {
+    /// Call [`reaper::install`] with room for every child first.
+    pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> io::Result<ForkModel> {
         Ok(ForkModel {
             reap,
             setup,
-            board: Scoreboard::new(max_conns)?,
-            children: HashMap::with_capacity(max_conns.min(1 << 16)),
-            reaped: Vec::new(),
+            pids: PidIndex::new()?,
+            buffer: Buffer::new(buffer)?,
         })
     }
 }
@@ -64,33 +63,32 @@ impl Model for ForkModel {
         "pid"
     }
 
-    fn start(&mut self, conn: OwnedFd, peer: SocketAddr) -> io::Result<u64> {
-        let slot = self
-            .board
-            .claim()
-            .ok_or_else(|| io::Error::other("no free scoreboard slot"))?;
+    fn start(
+        &mut self,
+        conn: OwnedFd,
+        peer: SocketAddr,
+        slot: u32,
+        bytes: &'static AtomicU64,
+    ) -> io::Result<u64> {
         // SAFETY: the dispatcher is single-threaded (module docs), so the
         // child starts with no lock held by a vanished thread; it runs
         // `child::serve`, which ends in `_exit` and never returns here.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 // ---- child: from here on, this is the connection's process.
-                child::serve(conn, peer, &self.setup, self.board.cell(slot))
+                child::serve(conn, peer, &self.setup, self.buffer.as_mut_slice(), bytes)
             }
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.
                 drop(conn);
-                self.children.insert(child, slot);
+                self.pids.insert(child.as_raw(), slot);
                 Ok(child.as_raw() as u64)
             }
-            Err(e) => {
-                self.board.release(slot);
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn collect(&mut self, why: Collect, ended: &mut Vec<Ended>) {
+    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How)) {
         let reap_now = match self.reap {
             // The SIGCHLD handler has already reaped.
             ReapMode::Handler => false,
@@ -100,31 +98,26 @@ impl Model for ForkModel {
         if reap_now {
             reaper::reap_into_ring();
         }
-        reaper::drain(&mut self.reaped);
-        for (pid, status) in self.reaped.drain(..) {
-            let Some(slot) = self.children.remove(&pid) else {
-                continue;
+        let pids = &self.pids;
+        reaper::drain(&mut |pid, status| {
+            let Some(slot) = pids.take(pid.as_raw()) else {
+                return;
             };
-            let bytes = self.board.release(slot);
             let how = match status {
                 WaitStatus::Signaled(_, sig, _) => How::Signaled(sig),
                 WaitStatus::Exited(_, code) => How::Exited(code),
                 _ => How::Exited(-1),
             };
-            ended.push(Ended {
-                id: pid.as_raw() as u64,
-                bytes,
-                how,
-            });
-        }
+            ended(slot, how);
+        });
     }
 
-    fn stop(&mut self, how: Stop, ids: &mut dyn Iterator<Item = u64>) {
+    fn stop(&mut self, how: Stop, targets: &mut dyn Iterator<Item = (u32, u64)>) {
         let signal = match how {
             Stop::Terminate => Signal::SIGTERM,
             Stop::Kill => Signal::SIGKILL,
         };
-        for id in ids {
+        for (_, id) in targets {
             // Only pids of our own unreaped children are in the table, so the
             // pid cannot have been reused by an unrelated process.
             let _ = kill(Pid::from_raw(id as i32), signal);
@@ -135,7 +128,7 @@ impl Model for ForkModel {
         self.reap != ReapMode::Handler && reaper::is_zombie(Pid::from_raw(id as i32))
     }
 
-    fn finish(&mut self, ended: &mut Vec<Ended>) {
+    fn finish(&mut self, ended: &mut dyn FnMut(u32, How)) {
         // Whatever the mode, forkd reaps every remaining child before it exits.
         reaper::reap_into_ring();
         self.collect(Collect::NeedRoom, ended);

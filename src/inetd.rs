@@ -30,7 +30,7 @@ pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Err
     // for its whole life; nothing else reads or writes it.
     let mut sock = unsafe { TcpStream::from_raw_fd(0) };
     let _ = echo::set_idle_timeout(&sock, idle);
-    let mut buf = vec![0u8; buffer];
+    let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
     let outcome = echo::serve(&mut sock, &mut buf);
     info!(
         "inetd conn {peer}: {}, {} bytes echoed",

@@ -112,6 +112,25 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Give every socket this listener accepts the idle timeout (None:
+    /// none), as SO_RCVTIMEO and SO_SNDTIMEO (see [`crate::echo`]).
+    ///
+    /// Linux copies both options from a listening socket to each socket it
+    /// accepts, so setting them here once spares every connection two
+    /// setsockopt calls.
+    pub fn set_idle_timeout(&self, idle: Option<std::time::Duration>) -> Result<(), Error> {
+        let tv = nix::sys::time::TimeVal::from(libc::timeval {
+            tv_sec: idle.map_or(0, |d| d.as_secs() as libc::time_t),
+            tv_usec: idle.map_or(0, |d| d.subsec_micros() as libc::suseconds_t),
+        });
+        let what = || format!("cannot set the idle timeout on {}", self.name);
+        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv)
+            .map_err(|e| Error::os(what(), e))?;
+        socket::setsockopt(&self.fd, sockopt::SendTimeout, &tv).map_err(|e| Error::os(what(), e))
+    }
+}
+
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

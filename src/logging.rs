@@ -6,16 +6,17 @@
 //! on a terminal, syslog when its socket exists, and stderr otherwise.
 //!
 //! Children log too, and their lines must carry their own pid. The syslog
-//! crate fixes the pid in its formatter when the logger is created, so after
-//! a fork [`in_child`] forgets the dispatcher's syslog connection (the child
-//! closes that descriptor with the rest) and the child's first line connects
-//! anew with its own pid. A send that fails (syslogd restarted) is retried
+//! crate fixes the pid in its formatter when the logger is created, so each
+//! connection remembers the pid it was made for; a line logged by any other
+//! process (a child) forgets the inherited connection (the child closed
+//! that descriptor with the rest) and connects anew with its own pid. A
+//! child that logs nothing touches nothing here: every page a child writes
+//! is a page it copies. A send that fails (syslogd restarted) is retried
 //! once on a fresh connection, since the crate itself never reconnects.
 
 use std::io::{IsTerminal, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -25,10 +26,8 @@ use syslog::{Facility, Formatter3164, LoggerBackend};
 use crate::cli::LogTarget;
 use crate::error::{EXIT_OSERR, Error};
 
-/// This process's pid as log lines show it; set again in each child.
-static PID: AtomicU32 = AtomicU32::new(0);
-/// Set in children, whose stderr lines name them as such.
-static IN_CHILD: AtomicBool = AtomicBool::new(false);
+/// The dispatcher's pid: a line from any other pid comes from a child.
+static DISPATCHER: AtomicU32 = AtomicU32::new(0);
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 type SyslogConn = syslog::Logger<LoggerBackend, Formatter3164>;
@@ -38,7 +37,8 @@ enum Sink {
     Stderr { journald: bool },
     Syslog {
         path: PathBuf,
-        conn: Mutex<Option<SyslogConn>>,
+        /// The connection and the pid its formatter carries.
+        conn: Mutex<Option<(u32, SyslogConn)>>,
     },
 }
 
@@ -57,7 +57,7 @@ pub fn describe() -> String {
 
 /// Install the logger. With `--log syslog` an unreachable syslog socket is an error.
 pub fn init(target: LogTarget, syslog_socket: &Path, level: LevelFilter) -> Result<(), Error> {
-    PID.store(std::process::id(), Ordering::Relaxed);
+    DISPATCHER.store(std::process::id(), Ordering::Relaxed);
     let sink = match target {
         LogTarget::Stderr => Sink::Stderr {
             journald: stderr_is_journal(),
@@ -81,7 +81,8 @@ pub fn init(target: LogTarget, syslog_socket: &Path, level: LevelFilter) -> Resu
 }
 
 fn syslog_sink(path: &Path) -> Result<Sink, Error> {
-    let conn = connect(path).map_err(|e| {
+    let pid = std::process::id();
+    let conn = connect(path, pid).map_err(|e| {
         Error::new(
             EXIT_OSERR,
             format!("cannot connect to syslog at {}: {e}", path.display()),
@@ -89,16 +90,16 @@ fn syslog_sink(path: &Path) -> Result<Sink, Error> {
     })?;
     Ok(Sink::Syslog {
         path: path.to_path_buf(),
-        conn: Mutex::new(Some(conn)),
+        conn: Mutex::new(Some((pid, conn))),
     })
 }
 
-fn connect(path: &Path) -> Result<SyslogConn, syslog::Error> {
+fn connect(path: &Path, pid: u32) -> Result<SyslogConn, syslog::Error> {
     let formatter = Formatter3164 {
         facility: Facility::LOG_DAEMON,
         hostname: None,
         process: "forkd".into(),
-        pid: PID.load(Ordering::Relaxed),
+        pid,
     };
     syslog::unix_custom(formatter, path)
 }
@@ -115,27 +116,6 @@ fn stderr_is_journal() -> bool {
     stream == format!("{}:{}", st.st_dev, st.st_ino)
 }
 
-/// Call first thing in a freshly forked child: lines from now on carry the
-/// child's pid. Returns the descriptor of the inherited syslog connection,
-/// if any, for the child to close; the connection object is forgotten, not
-/// dropped, so nothing later closes that descriptor number a second time.
-pub fn in_child() -> Option<i32> {
-    PID.store(std::process::id(), Ordering::Relaxed);
-    IN_CHILD.store(true, Ordering::Relaxed);
-    let logger = LOGGER.get()?;
-    let Sink::Syslog { conn, .. } = &logger.sink else {
-        return None;
-    };
-    // The dispatcher is single-threaded, so no lock was held at fork.
-    let old = conn.lock().ok()?.take()?;
-    let fd = match &old.backend {
-        LoggerBackend::Unix(sock) => Some(sock.as_raw_fd()),
-        _ => None,
-    };
-    std::mem::forget(old);
-    fd
-}
-
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= log::max_level()
@@ -145,11 +125,13 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let pid = std::process::id();
         match &self.sink {
             Sink::Stderr { journald } => {
                 let line = if *journald {
-                    let who = if IN_CHILD.load(Ordering::Relaxed) {
-                        format!("child {}: ", PID.load(Ordering::Relaxed))
+                    // The journal knows the dispatcher's pid; name children.
+                    let who = if pid != DISPATCHER.load(Ordering::Relaxed) {
+                        format!("child {pid}: ")
                     } else {
                         String::new()
                     };
@@ -162,7 +144,7 @@ impl Log for Logger {
                     format!(
                         "{} forkd[{}] {}: {}\n",
                         humantime::format_rfc3339_millis(SystemTime::now()),
-                        PID.load(Ordering::Relaxed),
+                        pid,
                         record.level(),
                         record.args()
                     )
@@ -173,11 +155,16 @@ impl Log for Logger {
             Sink::Syslog { path, conn } => {
                 let Ok(mut guard) = conn.lock() else { return };
                 let message = record.args().to_string();
+                if guard.as_ref().is_some_and(|(p, _)| *p != pid) {
+                    // Inherited from the dispatcher: its descriptor is closed
+                    // (or reused) in this child, so forget it, never drop it.
+                    std::mem::forget(guard.take());
+                }
                 for _attempt in 0..2 {
                     if guard.is_none() {
-                        *guard = connect(path).ok();
+                        *guard = connect(path, pid).ok().map(|c| (pid, c));
                     }
-                    let Some(c) = guard.as_mut() else { return };
+                    let Some((_, c)) = guard.as_mut() else { return };
                     let sent = match record.level() {
                         Level::Error => c.err(&message),
                         Level::Warn => c.warning(&message),

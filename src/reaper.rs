@@ -27,33 +27,49 @@ struct Slot {
     status: AtomicI32,
 }
 
-struct Ring {
-    slots: Box<[Slot]>,
+// The ring: slots and indices in shared memory, so that the handler's
+// writes in the dispatcher leave no copy-on-write pages behind in children
+// (see `crate::scoreboard`).
+static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+static CAP: AtomicUsize = AtomicUsize::new(0);
+static INDEX: AtomicPtr<Index> = AtomicPtr::new(std::ptr::null_mut());
+
+#[derive(Default)]
+struct Index {
     /// Next slot to write; advanced only by the producer.
     head: AtomicUsize,
     /// Next slot to read; advanced only by the dispatcher.
     tail: AtomicUsize,
+    overflowed: AtomicBool,
 }
 
-static RING: AtomicPtr<Ring> = AtomicPtr::new(std::ptr::null_mut());
-static OVERFLOWED: AtomicBool = AtomicBool::new(false);
+/// The ring's slots and indices, once installed.
+fn ring() -> Option<(&'static [Slot], &'static Index)> {
+    let slots = SLOTS.load(Ordering::Acquire);
+    let index = INDEX.load(Ordering::Acquire);
+    if slots.is_null() || index.is_null() {
+        return None;
+    }
+    // SAFETY: `install` stored pointers into mappings that are never
+    // unmapped, CAP before SLOTS (Release/Acquire).
+    unsafe {
+        Some((
+            std::slice::from_raw_parts(slots, CAP.load(Ordering::Relaxed)),
+            &*index,
+        ))
+    }
+}
 
 /// Allocate the ring for up to `capacity` unprocessed exits and install the
 /// SIGCHLD handler; `reap_in_handler` chooses `--reap handler` behaviour.
 pub fn install(capacity: usize, reap_in_handler: bool) -> std::io::Result<()> {
-    let slots = (0..capacity.max(1))
-        .map(|_| Slot {
-            pid: AtomicI32::new(0),
-            status: AtomicI32::new(0),
-        })
-        .collect();
-    let ring = Box::new(Ring {
-        slots,
-        head: AtomicUsize::new(0),
-        tail: AtomicUsize::new(0),
-    });
-    // The ring lives as long as the process: the handler may run at any time.
-    RING.store(Box::into_raw(ring), Ordering::SeqCst);
+    // SAFETY: all-zero is a valid Slot (two atomics).
+    let slots = unsafe { crate::scoreboard::shared_zeroed::<Slot>(capacity)? };
+    // SAFETY: all-zero is a valid Index (atomics).
+    let index = unsafe { crate::scoreboard::shared_zeroed::<Index>(1)? };
+    CAP.store(slots.len(), Ordering::Relaxed);
+    INDEX.store(&raw mut index[0], Ordering::Release);
+    SLOTS.store(slots.as_mut_ptr(), Ordering::Release);
     let action = move || {
         if reap_in_handler {
             reap_into_ring();
@@ -61,7 +77,7 @@ pub fn install(capacity: usize, reap_in_handler: bool) -> std::io::Result<()> {
         signals::note(Pending::CHILD);
     };
     // SAFETY: `action` is async-signal-safe: waitpid(2), atomics on memory
-    // allocated before the handler was installed, and `signals::note`.
+    // mapped before the handler was installed, and `signals::note`.
     unsafe { signal_hook::low_level::register(Signal::SIGCHLD as i32, action) }?;
     Ok(())
 }
@@ -69,18 +85,15 @@ pub fn install(capacity: usize, reap_in_handler: bool) -> std::io::Result<()> {
 /// Reap every child that has exited, recording each in the ring.
 /// Async-signal-safe. Returns how many were reaped.
 pub fn reap_into_ring() -> usize {
-    let ptr = RING.load(Ordering::SeqCst);
-    if ptr.is_null() {
+    let Some((slots, index)) = ring() else {
         return 0;
-    }
-    // SAFETY: the ring was leaked in `install` and is never freed.
-    let ring = unsafe { &*ptr };
-    let cap = ring.slots.len();
+    };
+    let cap = slots.len();
     let mut reaped = 0;
     loop {
-        let head = ring.head.load(Ordering::Relaxed);
-        if head - ring.tail.load(Ordering::Acquire) == cap {
-            OVERFLOWED.store(true, Ordering::SeqCst);
+        let head = index.head.load(Ordering::Relaxed);
+        if head - index.tail.load(Ordering::Acquire) == cap {
+            index.overflowed.store(true, Ordering::SeqCst);
             return reaped;
         }
         let mut status = 0;
@@ -90,35 +103,32 @@ pub fn reap_into_ring() -> usize {
             // 0: children remain but none has exited; -1: ECHILD, no children at all.
             return reaped;
         }
-        let slot = &ring.slots[head % cap];
+        let slot = &slots[head % cap];
         slot.pid.store(pid, Ordering::Relaxed);
         slot.status.store(status, Ordering::Relaxed);
-        ring.head.store(head + 1, Ordering::Release);
+        index.head.store(head + 1, Ordering::Release);
         reaped += 1;
     }
 }
 
-/// Move every recorded exit into `out` (dispatcher only).
-pub fn drain(out: &mut Vec<(Pid, WaitStatus)>) {
-    let ptr = RING.load(Ordering::SeqCst);
-    if ptr.is_null() {
+/// Hand every recorded exit to `each` (dispatcher only).
+pub fn drain(each: &mut dyn FnMut(Pid, WaitStatus)) {
+    let Some((slots, index)) = ring() else {
         return;
-    }
-    // SAFETY: as in `reap_into_ring`.
-    let ring = unsafe { &*ptr };
-    let cap = ring.slots.len();
-    let head = ring.head.load(Ordering::Acquire);
-    let mut tail = ring.tail.load(Ordering::Relaxed);
+    };
+    let cap = slots.len();
+    let head = index.head.load(Ordering::Acquire);
+    let mut tail = index.tail.load(Ordering::Relaxed);
     while tail != head {
-        let slot = &ring.slots[tail % cap];
+        let slot = &slots[tail % cap];
         let pid = Pid::from_raw(slot.pid.load(Ordering::Relaxed));
         let raw = slot.status.load(Ordering::Relaxed);
         let status = WaitStatus::from_raw(pid, raw).unwrap_or(WaitStatus::Exited(pid, 255));
-        out.push((pid, status));
         tail += 1;
+        index.tail.store(tail, Ordering::Release);
+        each(pid, status);
     }
-    ring.tail.store(tail, Ordering::Release);
-    if OVERFLOWED.swap(false, Ordering::SeqCst) {
+    if index.overflowed.swap(false, Ordering::SeqCst) {
         // Exits were left unreaped for want of room: run the handler again.
         let _ = nix::sys::signal::raise(Signal::SIGCHLD);
     }

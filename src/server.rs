@@ -18,9 +18,10 @@ use crate::dispatcher::{Dispatcher, Settings, Summary};
 use crate::error::{EXIT_OK, Error};
 use crate::fork::ForkModel;
 use crate::listen::Listener;
+use crate::scoreboard::{PidIndex, Scoreboard};
 use crate::signals::Signals;
 use crate::thread::ThreadModel;
-use crate::{inetd, limits, logging, privdrop, reaper, systemd, title};
+use crate::{inetd, limits, logging, privdrop, reaper, scoreboard, systemd, title};
 
 /// Run forkd as configured; returns the exit code for a clean stop.
 pub fn run(config: Config) -> Result<u8, Error> {
@@ -35,12 +36,22 @@ pub fn run(config: Config) -> Result<u8, Error> {
         None => None,
     };
     let nofile = limits::raise_nofile();
+    // Room for the shared tables: scoreboard, reaper ring, pid index, poll set.
+    let pid_index = match config.mode {
+        Mode::Fork => PidIndex::bytes(),
+        Mode::Thread => 0,
+    };
+    scoreboard::reserve_shared(pid_index + config.max_conns * 256 + (1 << 20))
+        .map_err(|e| Error::os("cannot map shared memory", e))?;
     let mut listeners = systemd::activated_listeners()?;
     let activated = !listeners.is_empty();
     if !activated {
         for addr in &config.listen {
             listeners.push(Listener::bind(*addr, config.backlog)?);
         }
+    }
+    for l in &listeners {
+        l.set_idle_timeout(config.idle())?;
     }
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;
@@ -51,7 +62,14 @@ pub fn run(config: Config) -> Result<u8, Error> {
         max_per_ip: config.max_per_ip,
         grace: config.grace,
     };
-    title::set_comm("forkd");
+    title::set_comm(c"forkd");
+    let board =
+        Scoreboard::new(config.max_conns).map_err(|e| Error::os("cannot map the scoreboard", e))?;
+
+    // Hand start-up's freed heap back to the kernel: every resident page of
+    // the dispatcher is a page table entry each fork copies.
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
 
     let summary = match config.mode {
         Mode::Fork => {
@@ -62,21 +80,19 @@ pub fn run(config: Config) -> Result<u8, Error> {
             )
             .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
             let setup = ChildSetup {
-                buffer: config.buffer,
-                idle: config.idle(),
                 die_with_parent: config.die_with_parent,
                 dispatcher: nix::unistd::getpid(),
                 title: title::TitleArea::capture(),
             };
-            let model = ForkModel::new(config.reap, setup, config.max_conns)
-                .map_err(|e| Error::os("cannot map the scoreboard", e))?;
+            let model = ForkModel::new(config.reap, setup, config.buffer)
+                .map_err(|e| Error::os("cannot map the pid index and echo buffer", e))?;
             announce(&config, &listeners, activated, &model_name(&config), nofile);
-            Dispatcher::new(model, listeners, signals, settings).run()?
+            Dispatcher::new(model, board, listeners, signals, settings)?.run()?
         }
         Mode::Thread => {
-            let model = ThreadModel::new(config.thread_stack, config.buffer, config.idle());
+            let model = ThreadModel::new(config.thread_stack, config.buffer, config.max_conns);
             announce(&config, &listeners, activated, "thread", nofile);
-            Dispatcher::new(model, listeners, signals, settings).run()?
+            Dispatcher::new(model, board, listeners, signals, settings)?.run()?
         }
     };
     info!("{}", summary_line(&summary));

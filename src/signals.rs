@@ -12,7 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
@@ -32,8 +32,13 @@ impl Pending {
     }
 }
 
-/// Bits set by handlers, taken by the dispatcher.
-static PENDING: AtomicU32 = AtomicU32::new(0);
+/// Bits set by handlers, taken by the dispatcher. The word lives in shared
+/// memory (mapped by `install`): a handler's write in the dispatcher then
+/// leaves no copy-on-write page behind in children (see `crate::scoreboard`).
+static PENDING: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
+/// Set while the pipe holds an unread byte, so a burst of signals (one
+/// SIGCHLD per child) writes, and the dispatcher reads, one byte, not many.
+static AWAKE: AtomicBool = AtomicBool::new(false);
 /// Write end of the wake-up pipe (-1 until installed).
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -56,7 +61,13 @@ impl Signals {
     /// Create the pipe and install the handlers for SIGTERM, SIGINT, SIGQUIT and SIGUSR1.
     pub fn install() -> io::Result<Signals> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // SAFETY: all-zero is a valid AtomicU32.
+        let pending = unsafe { crate::scoreboard::shared_zeroed::<AtomicU32>(1)? };
+        PENDING.store(&raw mut pending[0], Ordering::SeqCst);
         WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
+        // Whatever mask forkd was started with, it blocks nothing now; the
+        // children inherit that empty mask, so they need not reset it.
+        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
         for (signal, bit) in HANDLED {
             // SAFETY: the action only does async-signal-safe work: an atomic
             // fetch_or and a write(2) to a non-blocking pipe (see `note`).
@@ -70,13 +81,16 @@ impl Signals {
 
     /// Empty the pipe, then take every pending event (in that order: see the module docs).
     pub fn take(&self) -> Pending {
+        // Clear the flag before emptying the pipe: a signal after this point
+        // writes a fresh byte, so no wake-up is lost.
+        AWAKE.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 64];
         while let Ok(n) = nix::unistd::read(&self.read, &mut buf) {
             if n < buf.len() {
                 break;
             }
         }
-        Pending(PENDING.swap(0, Ordering::SeqCst))
+        Pending(pending().map_or(0, |p| p.swap(0, Ordering::SeqCst)))
     }
 }
 
@@ -86,16 +100,25 @@ impl AsFd for Signals {
     }
 }
 
+fn pending() -> Option<&'static AtomicU32> {
+    let ptr = PENDING.load(Ordering::SeqCst);
+    // SAFETY: non-null only once `install` stored a pointer into a mapping
+    // that is never unmapped.
+    (!ptr.is_null()).then(|| unsafe { &*ptr })
+}
+
 /// Record `bit` and wake the dispatcher. Async-signal-safe.
 pub fn note(bit: u32) {
-    PENDING.fetch_or(bit, Ordering::SeqCst);
+    if let Some(p) = pending() {
+        p.fetch_or(bit, Ordering::SeqCst);
+    }
     wake();
 }
 
 /// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
 pub fn wake() {
     let fd = WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
+    if fd >= 0 && !AWAKE.swap(true, Ordering::SeqCst) {
         // SAFETY: write(2) is async-signal-safe; the buffer is a valid byte.
         // The pipe is non-blocking, so a full pipe returns EAGAIN at once.
         unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
@@ -103,7 +126,8 @@ pub fn wake() {
 }
 
 /// In a freshly forked child: default dispositions for every signal the
-/// dispatcher handles, and an empty signal mask. SIGPIPE stays ignored.
+/// dispatcher handles. The mask is already empty (see `install`); SIGPIPE
+/// stays ignored.
 pub fn reset_in_child() {
     let default = nix::sys::signal::SigAction::new(
         SigHandler::SigDfl,
@@ -114,5 +138,4 @@ pub fn reset_in_child() {
         // SAFETY: installing SIG_DFL runs no code of ours in signal context.
         let _ = unsafe { nix::sys::signal::sigaction(signal, &default) };
     }
-    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }

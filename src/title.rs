@@ -10,7 +10,7 @@
 //! title up to its terminating NUL. Only children do that, and they never
 //! read their environment again.
 
-use std::ffi::CString;
+use std::ffi::CStr;
 
 /// Where the argument and environment strings lie, read once in the dispatcher.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,7 +50,7 @@ impl TitleArea {
     }
 
     /// Rewrite the command line to `title` (children only: see the module docs).
-    pub fn set(&self, title: &str) {
+    pub fn set(&self, title: &[u8]) {
         let room = self.env_end - self.start;
         let len = title.len().min(room - 1);
         // SAFETY: [start, env_end) is the initial argument and environment
@@ -69,8 +69,7 @@ impl TitleArea {
 }
 
 /// Set the short name (`comm`), truncated to 15 bytes by the kernel.
-pub fn set_comm(name: &str) {
-    if let Ok(name) = CString::new(name) {
-        let _ = nix::sys::prctl::set_name(&name);
-    }
+/// A C string literal, so that a child allocates nothing to name itself.
+pub fn set_comm(name: &CStr) {
+    let _ = nix::sys::prctl::set_name(name);
 }
