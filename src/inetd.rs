@@ -2,7 +2,7 @@
 //! exit. For systemd `Accept=yes` socket units and classic inetd, where the
 //! service manager accepts and forks, and forkd only runs the echo handler.
 
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 use log::info;
@@ -32,6 +32,12 @@ pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Err
     let _ = echo::set_idle_timeout(&sock, idle);
     let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
     let outcome = echo::serve(&mut sock, &mut buf);
+    // Send our FIN now rather than at exit. Classic inetd also hands the
+    // connection over as stderr, so a log line written before the FIN would
+    // reach the client as part of its echo. After the shutdown such a line
+    // fails with EPIPE instead and is lost. Under systemd, stderr is the
+    // journal, and the client just hears its end-of-file sooner.
+    let _ = sock.shutdown(Shutdown::Write);
     info!(
         "inetd conn {peer}: {}, {} bytes echoed",
         outcome.end.describe(),

@@ -370,6 +370,9 @@ fn inetd_with_stderr_on_the_connection_echoes_only_the_data() {
         .stdout(fd.try_clone().unwrap())
         .stderr(fd);
     let mut child = KillOnDrop(cmd.spawn().unwrap());
+    // The command holds the descriptors it was given: close them here, so
+    // the client's end-of-file depends on forkd alone.
+    drop(cmd);
     let data = pattern(50_000, 11);
     let mut writer = client.try_clone().unwrap();
     let sent = data.clone();
