@@ -10,7 +10,6 @@
 //! returns into dispatcher code nor runs its destructors or atexit handlers.
 //! The exit status says how the connection ended ([`End::exit_code`]).
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,11 +32,13 @@ pub struct ChildSetup {
 
 /// Serve one connection in this freshly forked child, then `_exit`.
 ///
-/// `buf` is the dispatcher's untouched echo buffer mapping (see
-/// [`echo::Buffer`]); `bytes` is this child's scoreboard slot.
+/// `name` is the title the dispatcher prepared for this child; `buf` is the
+/// dispatcher's untouched echo buffer mapping (see [`echo::Buffer`]);
+/// `bytes` is this child's scoreboard slot.
 pub fn serve(
     conn: OwnedFd,
     peer: SocketAddr,
+    name: &[u8],
     setup: &ChildSetup,
     buf: &mut [std::mem::MaybeUninit<u8>],
     bytes: &AtomicU64,
@@ -53,12 +54,7 @@ pub fn serve(
     close_inherited(conn.as_raw_fd());
     title::set_comm(c"forkd-conn");
     if let Some(area) = &setup.title {
-        // Formatted on the stack: a heap string would dirty allocator pages.
-        let mut title = [0u8; 64];
-        let mut cursor = std::io::Cursor::new(&mut title[..]);
-        let _ = write!(cursor, "forkd: conn {peer}");
-        let len = cursor.position() as usize;
-        area.set(&title[..len]);
+        area.set(name);
     }
 
     let mut sock = TcpStream::from(conn);

@@ -12,7 +12,7 @@
 //!
 //! Children are reaped according to `--reap` (see [`crate::reaper`]).
 
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
@@ -26,21 +26,36 @@ use crate::cli::ReapMode;
 use crate::dispatcher::{Collect, How, Model, Stop};
 use crate::echo::Buffer;
 use crate::reaper;
-use crate::scoreboard::PidIndex;
+use crate::scoreboard::{PidIndex, shared_zeroed};
+
+/// Room for a child's title: `forkd: conn ` and the longest IPv6 peer.
+const TITLE_MAX: usize = 64;
 
 pub struct ForkModel {
     reap: ReapMode,
     setup: ChildSetup,
     /// Child pid -> scoreboard slot.
     pids: PidIndex,
+    /// Each slot's process title, formatted by the dispatcher before the
+    /// fork: formatting code run in the dispatcher is already mapped, while
+    /// in the child every page of it would be a fault. Shared memory, so
+    /// the dispatcher's writes leave no copy-on-write page behind.
+    titles: &'static mut [[u8; TITLE_MAX]],
     /// The echo buffer every child inherits; the dispatcher never touches it.
     buffer: Buffer,
 }
 
 impl ForkModel {
     /// Call [`reaper::install`] with room for every child first.
-    pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> io::Result<ForkModel> {
+    pub fn new(
+        reap: ReapMode,
+        setup: ChildSetup,
+        buffer: usize,
+        max_conns: usize,
+    ) -> io::Result<ForkModel> {
         Ok(ForkModel {
+            // SAFETY: all-zero bytes are valid.
+            titles: unsafe { shared_zeroed::<[u8; TITLE_MAX]>(max_conns)? },
             reap,
             setup,
             pids: PidIndex::new()?,
@@ -70,13 +85,18 @@ impl Model for ForkModel {
         slot: u32,
         bytes: &'static AtomicU64,
     ) -> io::Result<u64> {
+        let title = &mut self.titles[slot as usize];
+        let mut cursor = std::io::Cursor::new(&mut title[..]);
+        let _ = write!(cursor, "forkd: conn {peer}");
+        let title_len = cursor.position() as usize;
         // SAFETY: the dispatcher is single-threaded (module docs), so the
         // child starts with no lock held by a vanished thread; it runs
         // `child::serve`, which ends in `_exit` and never returns here.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 // ---- child: from here on, this is the connection's process.
-                child::serve(conn, peer, &self.setup, self.buffer.as_mut_slice(), bytes)
+                let name = &self.titles[slot as usize][..title_len];
+                child::serve(conn, peer, name, &self.setup, self.buffer.as_mut_slice(), bytes)
             }
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.

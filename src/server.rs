@@ -84,7 +84,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 dispatcher: nix::unistd::getpid(),
                 title: title::TitleArea::capture(),
             };
-            let model = ForkModel::new(config.reap, setup, config.buffer)
+            let model = ForkModel::new(config.reap, setup, config.buffer, config.max_conns)
                 .map_err(|e| Error::os("cannot map the pid index and echo buffer", e))?;
             announce(&config, &listeners, activated, &model_name(&config), nofile);
             Dispatcher::new(model, board, listeners, signals, settings)?.run()?
