@@ -96,7 +96,14 @@ impl Model for ForkModel {
             Ok(ForkResult::Child) => {
                 // ---- child: from here on, this is the connection's process.
                 let name = &self.titles[slot as usize][..title_len];
-                child::serve(conn, peer, name, &self.setup, self.buffer.as_mut_slice(), bytes)
+                child::serve(
+                    conn,
+                    peer,
+                    name,
+                    &self.setup,
+                    self.buffer.as_mut_slice(),
+                    bytes,
+                )
             }
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.
