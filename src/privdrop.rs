@@ -57,3 +57,59 @@ pub fn drop_to(id: &Identity) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Give up every capability the process holds (permitted, effective,
+/// inheritable, ambient), once the listeners are bound: an unprivileged
+/// forkd started with CAP_NET_BIND_SERVICE (as `forkd-standalone.service`
+/// does) needs it for `bind` and for nothing after, and children would
+/// otherwise inherit it. Root keeps its identity unless `--user` is given,
+/// which drops everything anyway.
+pub fn drop_capabilities() -> Result<(), Error> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let fail = |what: &str| {
+        Error::new(
+            EXIT_NOPERM,
+            format!(
+                "cannot drop capabilities ({what}): {}",
+                crate::error::describe(&std::io::Error::last_os_error())
+            ),
+        )
+    };
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes no pointers.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        return Err(fail("ambient"));
+    }
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data::default(); 2];
+    // SAFETY: capset(2) reads a version-3 header and two data structs, which
+    // live on this stack frame for the duration of the call.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    if r != 0 {
+        return Err(fail("capset"));
+    }
+    Ok(())
+}

@@ -55,6 +55,8 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;
+    } else if !nix::unistd::geteuid().is_root() {
+        privdrop::drop_capabilities()?;
     }
     let signals = Signals::install().map_err(|e| Error::os("cannot install signal handlers", e))?;
     let settings = Settings {

@@ -513,3 +513,50 @@ fn a_stalled_client_does_not_slow_a_100_mib_stream() {
         assert!(start.elapsed() < Duration::from_secs(60));
     }
 }
+
+/// Capability sets of a process from /proc/PID/status, as hex strings.
+fn capabilities(pid: i32) -> Vec<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"]
+        .iter()
+        .map(|k| {
+            s.lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn a_capability_granted_for_bind_is_dropped_after_binding() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root to hand forkd a capability"
+    );
+    // As systemd's forkd-standalone.service does: an unprivileged user with
+    // CAP_NET_BIND_SERVICE as an ambient capability, binding a port below 1024.
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=+net_bind_service",
+        "--ambient-caps=+net_bind_service",
+        FORKD,
+    ]);
+    let f = Forkd::start_with(cmd, &["-l", "127.0.0.1:997"]);
+    assert_eq!(f.addr().port(), 997);
+    let mut s = connect(f.addr());
+    ping(&mut s, b"no caps");
+    let none = vec!["0000000000000000".to_string(); 4];
+    f.check(
+        capabilities(f.pid()) == none,
+        &format!("dispatcher keeps capabilities: {:?}", capabilities(f.pid())),
+    );
+    let kid = f.children()[0].pid;
+    f.check(
+        capabilities(kid) == none,
+        &format!("child keeps capabilities: {:?}", capabilities(kid)),
+    );
+}
