@@ -56,7 +56,10 @@ pub fn run(config: Config) -> Result<u8, Error> {
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;
     } else if !nix::unistd::geteuid().is_root() {
-        privdrop::drop_capabilities()?;
+        // A system call filter may forbid capset: serve anyway, but say so.
+        if let Err(e) = privdrop::drop_capabilities() {
+            log::warn!("{e}; connections keep the capabilities forkd was started with");
+        }
     }
     let signals = Signals::install().map_err(|e| Error::os("cannot install signal handlers", e))?;
     let settings = Settings {
