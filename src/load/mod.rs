@@ -14,6 +14,7 @@
 //!   zombies, PSS and CPU time.
 //! - [`sys`]: the generator's own CPU time, descriptor limit and CPU affinity.
 //! - [`progress`]: a progress bar on a terminal, nothing otherwise.
+//! - [`workers`]: a workload's threads, started, watched and gathered.
 //! - [`targets`]: starting the servers `compare` measures (forkd, the C
 //!   floor servers, Python, socat, tcpserver).
 //! - [`compare`]: the comparison run and `compare.json`.
@@ -36,6 +37,7 @@ pub mod report;
 pub mod stream;
 pub mod sys;
 pub mod targets;
+pub mod workers;
 
 use std::process::ExitCode;
 

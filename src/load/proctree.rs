@@ -111,6 +111,11 @@ pub fn cpu_s(root: Option<i32>) -> Option<f64> {
     Tree::read(root?).ok().map(|t| t.cpu_s())
 }
 
+/// CPU seconds the tree of `root` used since it had used `before`.
+pub fn cpu_s_since(before: Option<f64>, root: Option<i32>) -> Option<f64> {
+    Some(cpu_s(root)? - before?)
+}
+
 /// The `Pss:` line of `/proc/PID/smaps_rollup`, in KiB.
 pub fn pss_kib(pid: i32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;

@@ -21,7 +21,8 @@ use super::proctree;
 use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
 use super::sys;
-use crate::error::{EXIT_OSERR, Error};
+use super::workers;
+use crate::error::Error;
 
 /// Offsets into a worker's pattern, so consecutive connections send different bytes.
 const SHIFTS: usize = 251;
@@ -112,28 +113,15 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
     let start = Instant::now();
     let deadline = start + plan.duration;
     let progress = Progress::timer(plan.duration, label);
-    let results = std::thread::scope(|scope| {
-        let mut handles = Vec::with_capacity(plan.concurrency);
-        for id in 0..plan.concurrency {
-            let spawned = std::thread::Builder::new()
-                .name(format!("rate-{id}"))
-                .stack_size(256 << 10)
-                .spawn_scoped(scope, move || worker(plan, id as u64, deadline));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => return Err(Error::os("cannot start a worker thread", e)),
-            }
-        }
-        progress.tick_until(start, deadline, || handles.iter().all(|h| h.is_finished()));
-        let mut all = Vec::with_capacity(handles.len());
-        for h in handles {
-            match h.join() {
-                Ok(r) => all.push(r),
-                Err(_) => return Err(Error::new(EXIT_OSERR, "a worker thread panicked")),
-            }
-        }
-        Ok(all)
-    })?;
+    let results = workers::run(
+        plan.concurrency,
+        "worker",
+        Some(256 << 10),
+        &progress,
+        start,
+        deadline,
+        |id| worker(plan, id as u64, deadline),
+    )?;
     progress.finish();
     let elapsed = start.elapsed();
     let mut total = Outcome {
@@ -143,10 +131,7 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
         latency: new_histogram(),
         elapsed,
         gen_cpu_s: sys::self_cpu_s() - cpu0,
-        server_cpu_s: match (server0, proctree::cpu_s(plan.pid)) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
+        server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
     };
     for w in results {
         total.conns += w.conns;

@@ -19,7 +19,8 @@ use super::proctree;
 use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, MIB, Report};
 use super::sys;
-use crate::error::{EXIT_OSERR, Error};
+use super::workers;
+use crate::error::Error;
 
 /// Size of each reader's buffer.
 const READ_BUF: usize = 64 << 10;
@@ -99,36 +100,21 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
     let start = Instant::now();
     let deadline = start + plan.duration;
     let progress = Progress::timer(plan.duration, label);
-    let results = std::thread::scope(|scope| {
-        let mut handles = Vec::with_capacity(plan.conns);
-        for id in 0..plan.conns {
-            let spawned = std::thread::Builder::new()
-                .name(format!("stream-{id}"))
-                .spawn_scoped(scope, move || connection(plan, id as u64, deadline));
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => return Err(Error::os("cannot start a connection thread", e)),
-            }
-        }
-        progress.tick_until(start, deadline, || handles.iter().all(|h| h.is_finished()));
-        let mut all = Vec::with_capacity(handles.len());
-        for h in handles {
-            match h.join() {
-                Ok(r) => all.push(r),
-                Err(_) => return Err(Error::new(EXIT_OSERR, "a connection thread panicked")),
-            }
-        }
-        Ok(all)
-    })?;
+    let results = workers::run(
+        plan.conns,
+        "connection",
+        None,
+        &progress,
+        start,
+        deadline,
+        |id| connection(plan, id as u64, deadline),
+    )?;
     progress.finish();
     let mut total = Outcome {
         conns: plan.conns as u64,
         elapsed: start.elapsed(),
         gen_cpu_s: sys::self_cpu_s() - cpu0,
-        server_cpu_s: match (server0, proctree::cpu_s(plan.pid)) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
+        server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
         ..Outcome::default()
     };
     for (bytes, failure) in results {
