@@ -5,66 +5,31 @@ use util::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
 const LOAD: &str = env!("CARGO_BIN_EXE_forkd-load");
 
 /// Run forkd-load with `args`, killing it if it outlives `limit`.
-fn load(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(LOAD)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn forkd-load");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("forkd-load {args:?} still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: o.join().unwrap(),
-        stderr: e.join().unwrap(),
-    }
+fn load(args: &[&str], limit: Duration) -> Run {
+    let mut cmd = Command::new(LOAD);
+    cmd.args(args);
+    run_with_deadline(cmd, limit)
 }
 
 /// Show everything about a run that went wrong.
-fn explain(args: &[&str], out: &Output) -> String {
+fn explain(args: &[&str], out: &Run) -> String {
     format!(
         "forkd-load {args:?}: {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        out.status, out.stdout, out.stderr
     )
 }
 
 /// The one JSON object a run printed.
-fn json(args: &[&str], out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
+fn json(args: &[&str], out: &Run) -> Value {
+    let text = &out.stdout;
     let line = text
         .lines()
         .next()
@@ -349,7 +314,7 @@ fn bad_arguments_are_one_line_usage_errors() {
     ] {
         let out = load(args, LIMIT);
         assert_eq!(out.status.code(), Some(64), "{}", explain(args, &out));
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = &out.stderr;
         assert_eq!(err.lines().count(), 1, "{}", explain(args, &out));
         assert!(err.starts_with("forkd-load: error: "), "{err}");
     }

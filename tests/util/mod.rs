@@ -41,12 +41,18 @@ impl Forkd {
     }
 
     /// As [`Forkd::start`], with a prepared command (environment, pre_exec...).
-    pub fn start_with(mut cmd: Command, args: &[&str]) -> Forkd {
+    pub fn start_with(cmd: Command, args: &[&str]) -> Forkd {
         let mut full: Vec<String> = vec!["--print-addr".into(), "--log".into(), "stderr".into()];
         if !args.iter().any(|a| *a == "-l" || *a == "--listen") {
             full.extend(["-l".into(), "127.0.0.1:0".into()]);
         }
         full.extend(args.iter().map(|s| s.to_string()));
+        Forkd::launch(cmd, full)
+    }
+
+    /// Spawn `cmd` with `args`, collect its log, and wait up to 10 s for
+    /// the addresses it prints.
+    fn launch(mut cmd: Command, full: Vec<String>) -> Forkd {
         cmd.args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -242,47 +248,8 @@ impl Forkd {
     /// Start forkd with exactly `args` (nothing added; include `--print-addr`)
     /// and wait up to 10 s for the addresses it prints.
     pub fn start_exact(args: &[&str]) -> Forkd {
-        let mut cmd = Command::new(FORKD);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn forkd");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                sink.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = BufReader::new(stdout).read_to_string(&mut text);
-            let _ = tx.send(text);
-        });
-        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-        let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
-        let mut f = Forkd {
-            child,
-            addrs,
-            log,
-            args: args.iter().map(|s| s.to_string()).collect(),
-        };
-        if f.addrs.is_empty() {
-            let status = f.wait_exit(Duration::from_secs(2));
-            panic!(
-                "forkd {:?} printed no address (status {status:?}); log:\n{}",
-                f.args,
-                f.log()
-            );
-        }
-        f
+        let args = args.iter().map(|s| s.to_string()).collect();
+        Forkd::launch(Command::new(FORKD), args)
     }
 
     /// Wait up to `limit` for forkd to stop cleanly: exit status 0, and its
