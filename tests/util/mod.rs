@@ -223,17 +223,10 @@ pub fn roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     back
 }
 
-/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+/// Deterministic pseudo-random bytes, different per `seed` (the pattern
+/// forkd-load sends).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    forkd::load::pattern::bytes(len, seed)
 }
 
 /// Echo one message on an open connection and check it comes back.
