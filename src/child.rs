@@ -1,14 +1,19 @@
 //! Fork mode, the child's side: everything that runs in a connection's
 //! process between `fork` and `_exit`.
 //!
-//! In order: signal handling goes back to
-//! the defaults with an empty mask; with `--die-with-parent` the kernel is
-//! asked to end the child with its dispatcher; every inherited descriptor
-//! but the connection and stdio is closed (listeners, wake-up pipe, syslog
-//! socket); the process is retitled; the echo handler runs; the byte count
-//! goes to the scoreboard; and the child leaves with `_exit`, so it never
-//! returns into dispatcher code nor runs its destructors or atexit handlers.
-//! The exit status says how the connection ended ([`End::exit_code`]).
+//! In order: signal handling goes back to the defaults (the mask is already
+//! empty); with `--die-with-parent` the kernel is asked to end the child with
+//! its dispatcher; every inherited descriptor but the connection and stdio is
+//! closed (listeners, wake-up pipe, syslog socket); the process is retitled;
+//! the echo handler runs; the byte count goes to the scoreboard; and the
+//! child leaves with `_exit`, so it never returns into dispatcher code nor
+//! runs its destructors or atexit handlers. The exit status says how the
+//! connection ended ([`End::exit_code`]).
+//!
+//! Whatever the child writes it copies (fork shares the dispatcher's pages
+//! copy-on-write), so it allocates nothing and writes no static: its title
+//! comes formatted from the dispatcher, its name is a C literal, and its
+//! echo buffer is a mapping the dispatcher never touched.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -14,7 +14,8 @@
 //! - [`thread`]: thread mode, one thread per connection.
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
 //! - [`reaper`]: the SIGCHLD handler and the ring of exits it fills.
-//! - [`scoreboard`]: shared memory through which children report bytes echoed.
+//! - [`scoreboard`]: the table of live connections and the other tables the
+//!   dispatcher writes per connection, in memory shared with the children.
 //! - [`signals`]: the other signal handlers and the wake-up pipe.
 //! - [`logging`]: stderr, journald prefixes or syslog, with per-child pids.
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
