@@ -13,7 +13,7 @@
 //! Whatever the child writes it copies (fork shares the dispatcher's pages
 //! copy-on-write), so it allocates nothing and writes no static: its title
 //! comes formatted from the dispatcher, its name is a C literal, and its
-//! echo buffer is a mapping the dispatcher never touched.
+//! echo buffer is memory the dispatcher never touched.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -38,7 +38,7 @@ pub struct ChildSetup {
 /// Serve one connection in this freshly forked child, then `_exit`.
 ///
 /// `name` is the title the dispatcher prepared for this child; `buf` is the
-/// dispatcher's untouched echo buffer mapping (see [`echo::Buffer`]);
+/// dispatcher's untouched echo buffer (see `ForkModel`);
 /// `bytes` is this child's scoreboard slot.
 pub fn serve(
     conn: OwnedFd,

@@ -17,12 +17,8 @@
 use std::io::{self, ErrorKind, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
-use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
 use std::time::Duration;
-
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,54 +60,6 @@ impl End {
         Self::describe_exit_code(self.exit_code())
     }
 }
-
-/// An echo buffer in its own anonymous mapping.
-///
-/// Pages of a fresh mapping cost nothing until written, so a connection
-/// that echoes 64 bytes dirties one page, not the whole buffer (a heap
-/// buffer would be zeroed, or carry allocator bookkeeping, and every page so
-/// touched would be copied into each forked child). Fork mode maps one
-/// buffer before the first fork and never touches it in the dispatcher;
-/// each child writes only into its own copy-on-write pages of it.
-pub struct Buffer {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Buffer {
-    pub fn new(len: usize) -> io::Result<Buffer> {
-        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::other("empty buffer"))?;
-        // SAFETY: a fresh private anonymous mapping aliases no other memory.
-        let ptr = unsafe {
-            mmap_anonymous(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
-            )?
-        };
-        Ok(Buffer {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [MaybeUninit<u8>] {
-        // SAFETY: the mapping is `len` bytes, readable and writable, and
-        // borrowed mutably through `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) }
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, no longer borrowed.
-        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-// SAFETY: a Buffer owns its mapping exclusively, like a Box<[u8]>.
-unsafe impl Send for Buffer {}
 
 /// The result of one echo session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

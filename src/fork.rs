@@ -13,6 +13,7 @@
 //! Children are reaped according to `--reap` (see [`crate::reaper`]).
 
 use std::io::{self, Write};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicU64;
@@ -24,7 +25,6 @@ use nix::unistd::{ForkResult, Pid, fork};
 use crate::child::{self, ChildSetup};
 use crate::cli::ReapMode;
 use crate::dispatcher::{Collect, How, Model, Stop};
-use crate::echo::Buffer;
 use crate::reaper;
 use crate::scoreboard::{PidIndex, shared_zeroed};
 
@@ -41,8 +41,11 @@ pub struct ForkModel {
     /// in the child every page of it would be a fault. Shared memory, so
     /// the dispatcher's writes leave no copy-on-write page behind.
     titles: &'static mut [[u8; TITLE_MAX]],
-    /// The echo buffer every child inherits; the dispatcher never touches it.
-    buffer: Buffer,
+    /// The echo buffer every child inherits, allocated once and never
+    /// touched by the dispatcher: its pages are not even present until a
+    /// child reads into them, so a 64-byte echo costs a child one page, not
+    /// a copy of the whole buffer.
+    buffer: Box<[MaybeUninit<u8>]>,
 }
 
 impl ForkModel {
@@ -59,7 +62,7 @@ impl ForkModel {
             reap,
             setup,
             pids: PidIndex::new()?,
-            buffer: Buffer::new(buffer)?,
+            buffer: Box::new_uninit_slice(buffer),
         })
     }
 }
@@ -96,14 +99,7 @@ impl Model for ForkModel {
             Ok(ForkResult::Child) => {
                 // ---- child: from here on, this is the connection's process.
                 let name = &self.titles[slot as usize][..title_len];
-                child::serve(
-                    conn,
-                    peer,
-                    name,
-                    &self.setup,
-                    self.buffer.as_mut_slice(),
-                    bytes,
-                )
+                child::serve(conn, peer, name, &self.setup, &mut self.buffer, bytes)
             }
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.
