@@ -27,6 +27,23 @@ use crate::echo::{self, End};
 use crate::signals;
 use crate::title::{self, TitleArea};
 
+/// A child's exit status when it panicked (the message is on stderr).
+pub const PANIC_EXIT: i32 = 4;
+
+/// Make a panic in a child end that child, at once: it must never unwind
+/// out of [`serve`] into the dispatcher's code, which the child shares. The
+/// hook runs before any unwinding; in the dispatcher (and in thread mode)
+/// it only prints the message, as the default hook does.
+pub fn exit_on_panic_in_children(dispatcher: Pid) {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        if nix::unistd::getpid() != dispatcher {
+            exit(PANIC_EXIT);
+        }
+    }));
+}
+
 /// What a child needs to know, prepared once by the dispatcher.
 #[derive(Clone, Debug)]
 pub struct ChildSetup {

@@ -52,6 +52,7 @@ impl End {
             1 => "socket error",
             2 => "reset by client",
             3 => "idle timeout",
+            crate::child::PANIC_EXIT => "panicked",
             _ => "unexpected exit",
         }
     }

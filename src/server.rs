@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 
 use log::{info, warn};
 
-use crate::child::ChildSetup;
+use crate::child::{self, ChildSetup};
 use crate::cli::{Config, Mode};
 use crate::dispatcher::{Dispatcher, Settings, Summary};
 use crate::error::{EXIT_OK, Error};
@@ -84,6 +84,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.reap == crate::cli::ReapMode::Handler,
             )
             .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
+            child::exit_on_panic_in_children(nix::unistd::getpid());
             let setup = ChildSetup {
                 die_with_parent: config.die_with_parent,
                 dispatcher: nix::unistd::getpid(),
