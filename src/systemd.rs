@@ -57,8 +57,13 @@ fn send(target: &OsStr, message: &[u8]) -> io::Result<()> {
 }
 
 /// Is a service manager listening for notifications?
+///
+/// Read once: the dispatcher asks on every turn of its loop, and reading the
+/// environment copies the value onto the heap, a page every child forked
+/// after would then carry a private copy of.
 pub fn notify_socket_set() -> bool {
-    std::env::var_os("NOTIFY_SOCKET").is_some()
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| std::env::var_os("NOTIFY_SOCKET").is_some())
 }
 
 /// The sockets passed by socket activation, named by `LISTEN_FDNAMES`;

@@ -3,8 +3,8 @@
 //!
 //! Each thread reports its end through a channel. It wakes the dispatcher
 //! (through the pipe the signal handlers use) only when the dispatcher
-//! wants ends at once: when it waits for room (at the cap, or stopping) or
-//! logs each end. Otherwise ends are collected at the dispatcher's next
+//! wants ends at once: when it waits for room (at the cap, or stopping),
+//! logs each end, or keeps systemd's status line live. Otherwise ends are collected at the dispatcher's next
 //! wake-up, before its next accept, sparing a context switch per connection.
 //!
 //! To stop connections, the dispatcher shuts their sockets down: `SHUT_RD`
@@ -118,7 +118,11 @@ impl Model for ThreadModel {
     }
 
     fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How)) {
-        let urgent = why == Collect::NeedRoom || log::log_enabled!(log::Level::Info);
+        // Ends are wanted at once when waiting for room, when each is logged,
+        // and when systemd shows live counts (STATUS=).
+        let urgent = why == Collect::NeedRoom
+            || log::log_enabled!(log::Level::Info)
+            || crate::systemd::notify_socket_set();
         self.wake_on_end.store(urgent, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         while let Ok((slot, how)) = self.ends.try_recv() {
