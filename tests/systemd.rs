@@ -127,16 +127,12 @@ impl Running {
     fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 }
 
