@@ -133,6 +133,19 @@ pub struct Config {
 
 impl Config {
     /// Parse the process's arguments; errors come back as one-line usage errors.
+    ///
+    /// ```
+    /// use forkd::cli::{Config, Mode, ParseOutcome};
+    ///
+    /// let c = Config::from_args(["forkd", "-l", "[::1]:0", "--mode", "thread"]).unwrap();
+    /// assert_eq!(c.mode, Mode::Thread);
+    /// assert_eq!(c.listen[0].port(), 0);
+    ///
+    /// let Err(ParseOutcome::Error(e)) = Config::from_args(["forkd", "--grace", "soon"]) else {
+    ///     panic!("a bad duration must be refused");
+    /// };
+    /// assert_eq!(e.code, forkd::error::EXIT_USAGE);
+    /// ```
     pub fn from_args<I, T>(args: I) -> Result<Config, ParseOutcome>
     where
         I: IntoIterator<Item = T>,
