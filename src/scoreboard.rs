@@ -138,10 +138,6 @@ impl Scoreboard {
         self.slots.len() - self.free_len
     }
 
-    pub fn capacity(&self) -> usize {
-        self.slots.len()
-    }
-
     /// Take a free slot for a connection from `peer`, or None when all are taken.
     pub fn claim(&mut self, peer: SocketAddr) -> Option<u32> {
         self.free_len = self.free_len.checked_sub(1)?;

@@ -38,6 +38,27 @@ fn refused_quickly(addr: std::net::SocketAddr) -> bool {
     }
 }
 
+/// A command for forkd that starts with `resource` limited to `n`, soft and
+/// hard alike (so forkd cannot raise it).
+fn forkd_with_limit(resource: libc::__rlimit_resource_t, n: libc::rlim_t) -> Command {
+    let mut cmd = Command::new(FORKD);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(resource, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Lines in `log` containing `needle`.
 fn lines_with(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
@@ -184,19 +205,7 @@ fn idle_timeout_thread() {
 fn fork_failure_backs_off_without_spinning_and_recovers() {
     // Root is exempt from RLIMIT_NPROC, so run forkd as nobody, allowed 3
     // processes: the dispatcher and two children.
-    let mut cmd = Command::new(FORKD);
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 3,
-                rlim_max: 3,
-            };
-            if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = forkd_with_limit(libc::RLIMIT_NPROC, 3);
     cmd.uid(NOBODY).gid(NOBODY);
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -262,19 +271,7 @@ fn fork_failure_backs_off_without_spinning_and_recovers() {
 #[test]
 fn emfile_in_thread_mode_backs_off_and_recovers() {
     // A hard descriptor limit of 16: forkd cannot raise it, and runs out.
-    let mut cmd = Command::new(FORKD);
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 16,
-                rlim_max: 16,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let cmd = forkd_with_limit(libc::RLIMIT_NOFILE, 16);
     let f = Forkd::start_with(cmd, &["--mode", "thread"]);
     let mut held = Vec::new();
     for i in 0..24u8 {
