@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-const NOBODY: u32 = 65534;
+/// A uid and gid of their own for the fork-failure test: RLIMIT_NPROC counts
+/// every process of the user, so tests running forkd as `nobody` at the same
+/// time (privilege drop, capabilities) must not eat into its three.
+const NPROC_UID: u32 = 64_917;
 
 /// utime + stime of a process, in clock ticks (1/100 s).
 fn cpu_ticks(pid: i32) -> u64 {
@@ -203,13 +206,13 @@ fn idle_timeout_thread() {
 
 #[test]
 fn fork_failure_backs_off_without_spinning_and_recovers() {
-    // Root is exempt from RLIMIT_NPROC, so run forkd as nobody, allowed 3
-    // processes: the dispatcher and two children.
+    // Root is exempt from RLIMIT_NPROC, so run forkd as an unprivileged uid
+    // of its own, allowed 3 processes: the dispatcher and two children.
     let mut cmd = forkd_with_limit(libc::RLIMIT_NPROC, 3);
-    cmd.uid(NOBODY).gid(NOBODY);
+    cmd.uid(NPROC_UID).gid(NPROC_UID);
     assert!(
         nix::unistd::geteuid().is_root(),
-        "this test needs root to run forkd as nobody"
+        "this test needs root to run forkd as another user"
     );
     let f = Forkd::start_with(cmd, &[]);
     let mut a = connect(f.addr());
