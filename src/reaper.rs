@@ -16,7 +16,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
-use nix::sys::signal::Signal;
+use nix::errno::Errno;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
@@ -70,16 +71,39 @@ pub fn install(capacity: usize, reap_in_handler: bool) -> std::io::Result<()> {
     CAP.store(slots.len(), Ordering::Relaxed);
     INDEX.store(&raw mut index[0], Ordering::Release);
     SLOTS.store(slots.as_mut_ptr(), Ordering::Release);
-    let action = move || {
-        if reap_in_handler {
-            reap_into_ring();
-        }
-        signals::note(Pending::CHILD);
-    };
-    // SAFETY: `action` is async-signal-safe: waitpid(2), atomics on memory
-    // mapped before the handler was installed, and `signals::note`.
-    unsafe { signal_hook::low_level::register(Signal::SIGCHLD as i32, action) }?;
+    REAP_IN_HANDLER.store(reap_in_handler, Ordering::Relaxed);
+    let action = SigAction::new(
+        SigHandler::Handler(on_sigchld),
+        // ONSTACK: run on the dispatcher's alternate stack, which lives in
+        // shared memory (see `signals::install`), so the kernel's signal
+        // frame dirties no private page. NOCLDSTOP: only exits matter.
+        SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP | SaFlags::SA_ONSTACK,
+        SigSet::empty(),
+    );
+    // SAFETY: `on_sigchld` is async-signal-safe (see there); the memory it
+    // touches was mapped above, before the handler was installed.
+    unsafe { sigaction(Signal::SIGCHLD, &action) }?;
     Ok(())
+}
+
+/// `--reap handler`: does the handler reap, or only wake the dispatcher?
+static REAP_IN_HANDLER: AtomicBool = AtomicBool::new(false);
+
+/// The SIGCHLD handler. SIGCHLD comes once per connection, so the handler
+/// is forkd's own rather than signal-hook's shared one, which counts readers
+/// in private memory and saves errno on every call: here every write goes
+/// to shared memory, and errno is put back only if a call changed it. Each
+/// private page written here would cost a page fault and a copy after the
+/// next fork.
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let saved = Errno::last_raw();
+    if REAP_IN_HANDLER.load(Ordering::Relaxed) {
+        reap_into_ring();
+    }
+    signals::note(Pending::CHILD);
+    if Errno::last_raw() != saved {
+        Errno::set_raw(saved);
+    }
 }
 
 /// Reap every child that has exited, recording each in the ring.

@@ -11,6 +11,7 @@
 //! returns EPIPE, which the echo handler treats as a normal end.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
@@ -32,13 +33,19 @@ impl Pending {
     }
 }
 
-/// Bits set by handlers, taken by the dispatcher. The word lives in shared
-/// memory (mapped by `install`): a handler's write in the dispatcher then
-/// leaves no copy-on-write page behind in children (see `crate::scoreboard`).
-static PENDING: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
-/// Set while the pipe holds an unread byte, so a burst of signals (one
-/// SIGCHLD per child) writes, and the dispatcher reads, one byte, not many.
-static AWAKE: AtomicBool = AtomicBool::new(false);
+/// What handlers write. It lives in shared memory (mapped by `install`): a
+/// handler's write in the dispatcher then leaves no copy-on-write page
+/// behind in children (see `crate::scoreboard`).
+#[derive(Default)]
+struct Shared {
+    /// Bits set by handlers, taken by the dispatcher.
+    pending: AtomicU32,
+    /// Set while the pipe holds an unread byte, so a burst of signals (one
+    /// SIGCHLD per child) writes, and the dispatcher reads, one byte, not many.
+    awake: AtomicBool,
+}
+
+static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
 /// Write end of the wake-up pipe (-1 until installed).
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -61,9 +68,10 @@ impl Signals {
     /// Create the pipe and install the handlers for SIGTERM, SIGINT, SIGQUIT and SIGUSR1.
     pub fn install() -> io::Result<Signals> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        // SAFETY: all-zero is a valid AtomicU32.
-        let pending = unsafe { crate::scoreboard::shared_zeroed::<AtomicU32>(1)? };
-        PENDING.store(&raw mut pending[0], Ordering::SeqCst);
+        // SAFETY: all-zero is a valid Shared (atomics).
+        let shared = unsafe { crate::scoreboard::shared_zeroed::<Shared>(1)? };
+        SHARED.store(&raw mut shared[0], Ordering::SeqCst);
+        alternate_stack()?;
         WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
         // Whatever mask forkd was started with, it blocks nothing now; the
         // children inherit that empty mask, so they need not reset it.
@@ -83,14 +91,17 @@ impl Signals {
     pub fn take(&self) -> Pending {
         // Clear the flag before emptying the pipe: a signal after this point
         // writes a fresh byte, so no wake-up is lost.
-        AWAKE.store(false, Ordering::SeqCst);
+        let Some(shared) = shared() else {
+            return Pending::default();
+        };
+        shared.awake.store(false, Ordering::SeqCst);
         let mut buf = [0u8; 64];
         while let Ok(n) = nix::unistd::read(&self.read, &mut buf) {
             if n < buf.len() {
                 break;
             }
         }
-        Pending(pending().map_or(0, |p| p.swap(0, Ordering::SeqCst)))
+        Pending(shared.pending.swap(0, Ordering::SeqCst))
     }
 }
 
@@ -100,8 +111,8 @@ impl AsFd for Signals {
     }
 }
 
-fn pending() -> Option<&'static AtomicU32> {
-    let ptr = PENDING.load(Ordering::SeqCst);
+fn shared() -> Option<&'static Shared> {
+    let ptr = SHARED.load(Ordering::SeqCst);
     // SAFETY: non-null only once `install` stored a pointer into a mapping
     // that is never unmapped.
     (!ptr.is_null()).then(|| unsafe { &*ptr })
@@ -109,8 +120,8 @@ fn pending() -> Option<&'static AtomicU32> {
 
 /// Record `bit` and wake the dispatcher. Async-signal-safe.
 pub fn note(bit: u32) {
-    if let Some(p) = pending() {
-        p.fetch_or(bit, Ordering::SeqCst);
+    if let Some(shared) = shared() {
+        shared.pending.fetch_or(bit, Ordering::SeqCst);
     }
     wake();
 }
@@ -118,11 +129,38 @@ pub fn note(bit: u32) {
 /// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
 pub fn wake() {
     let fd = WAKE_FD.load(Ordering::SeqCst);
-    if fd >= 0 && !AWAKE.swap(true, Ordering::SeqCst) {
+    let Some(shared) = shared() else { return };
+    if fd >= 0 && !shared.awake.swap(true, Ordering::SeqCst) {
         // SAFETY: write(2) is async-signal-safe; the buffer is a valid byte.
         // The pipe is non-blocking, so a full pipe returns EAGAIN at once.
         unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
     }
+}
+
+/// Bytes of the dispatcher's alternate signal stack.
+const ALT_STACK: usize = 64 << 10;
+
+/// Give the calling thread (the dispatcher) an alternate signal stack in
+/// shared memory. The kernel writes each signal's frame (registers and
+/// vector state, a few KiB) on the stack a handler runs on; on the ordinary
+/// stack that dirties private pages below the dispatcher's frames, which
+/// after every fork means page faults and copies. Handlers registered with
+/// `SA_ONSTACK` (the SIGCHLD handler) run here instead. A child must never
+/// use this stack: it disables it first thing (see [`reset_in_child`]).
+fn alternate_stack() -> io::Result<()> {
+    // SAFETY: all-zero bytes are valid MaybeUninit<u8>.
+    let stack = unsafe { crate::scoreboard::shared_zeroed::<MaybeUninit<u8>>(ALT_STACK)? };
+    let ss = libc::stack_t {
+        ss_sp: stack.as_mut_ptr().cast(),
+        ss_flags: 0,
+        ss_size: stack.len(),
+    };
+    // SAFETY: `ss` describes memory that stays mapped until exit and that
+    // nothing else uses; the previous stack (std's) is simply no longer used.
+    if unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// In a freshly forked child: default dispositions for every signal the
@@ -138,4 +176,14 @@ pub fn reset_in_child() {
         // SAFETY: installing SIG_DFL runs no code of ours in signal context.
         let _ = unsafe { nix::sys::signal::sigaction(signal, &default) };
     }
+    // The alternate stack is the dispatcher's, in memory it shares with
+    // every child; any handler left (std's SIGSEGV one) runs on the
+    // child's own stack instead.
+    let off = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: libc::SS_DISABLE,
+        ss_size: 0,
+    };
+    // SAFETY: disabling the alternate stack touches no memory of ours.
+    unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
 }
