@@ -8,6 +8,10 @@
 # Workloads: rate 32 workers x 64 B, stream 4 connections x 64 KiB writes,
 # hold 2000 connections. Exit status: 0 all targets pass, 1 a target fails
 # or a run counted errors, 2 a figure could not be measured.
+# The forkd measured is the installed build, linked statically
+# (scripts/build-static.sh); the floors are built with cc -O2. Two shorter
+# runs follow, for information: like for like, the dynamic forkd against
+# the floor, and the static forkd against the floor linked statically.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -21,21 +25,38 @@ mkdir -p "$out"
 
 cargo build --release --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
+static=$(scripts/build-static.sh)
 status=0
-"$bin/forkd-load" compare --forkd "$bin/forkd" --json \
+"$bin/forkd-load" compare --forkd "$static" --json \
 	--modes fork,thread --floor --peers \
 	--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --hold 2000 \
 	--duration "${DURATION:-10s}" --out "$out" "$@" >"$out/runs.jsonl" || status=$?
 
-python3 - "$out/runs.jsonl" "$status" <<'PY'
+# Like for like, fork mode only: each forkd against the floor linked the same way.
+like() { # NAME FORKD [CFLAGS]
+	CFLAGS=${3:--O2} "$bin/forkd-load" compare --forkd "$2" --json --modes fork --floor \
+		--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --hold 200 \
+		--duration "${DURATION:-10s}" --rounds 1 --out "$out/$1" >"$out/$1.jsonl" || status=$?
+}
+like dynamic "$bin/forkd"
+like static "$static" "-O2 -static-pie"
+
+python3 - "$out" "$status" <<'PY'
 import json, sys
 
-runs = {}
-for line in open(sys.argv[1]):
-    line = line.strip()
-    if line:
-        r = json.loads(line)
-        runs[(r["target"], r["workload"])] = r
+
+def load(path):
+    runs = {}
+    for line in open(path):
+        line = line.strip()
+        if line:
+            r = json.loads(line)
+            runs[(r["target"], r["workload"])] = r
+    return runs
+
+
+runs = load(f"{sys.argv[1]}/runs.jsonl")
+like = {name: load(f"{sys.argv[1]}/{name}.jsonl") for name in ("dynamic", "static")}
 compare_status = int(sys.argv[2])
 
 def get(target, workload, *path):
@@ -79,5 +100,11 @@ for what, v, op, target in checks:
 if compare_status != 0:
     print(f"forkd-load compare exited {compare_status}: a run counted errors (see compare.md)")
 print(f"{len(checks) - failed - missing} pass, {failed} fail, {missing} not measured")
+print("like for like (information, not targets):")
+for name, r in like.items():
+    f = r.get(("forkd-fork", "rate"), {}).get("conn_per_s")
+    c = r.get(("floor-fork", "rate"), {}).get("conn_per_s")
+    v = f"{f / c:8.2f}" if f and c else f"{'-':>8}"
+    print(f"  {name} forkd-fork conn/s / {name} floor-fork {v}")
 sys.exit(1 if failed or compare_status else (2 if missing else 0))
 PY

@@ -1,11 +1,11 @@
 //! Signals, turned into events for the dispatcher's `poll` loop.
 //!
-//! A handler does two async-signal-safe things: it sets a bit in
-//! [`PENDING`] and writes one byte to the wake-up pipe, whose read end sits
+//! A handler does two async-signal-safe things: it sets a bit in a word of
+//! shared memory and writes one byte to the wake-up pipe, whose read end sits
 //! in the dispatcher's poll set. `poll` is never restarted after a signal,
 //! so the dispatcher wakes at once; it drains the pipe *first* and only then
 //! takes the pending bits, so no signal that arrives in between is lost.
-//! The SIGCHLD handler lives in [`crate::reaper`] and ends with [`wake`].
+//! The SIGCHLD handler lives in [`crate::reaper`] and ends with [`note`].
 //!
 //! SIGPIPE stays ignored (Rust's default): a write to a vanished client
 //! returns EPIPE, which the echo handler treats as a normal end.

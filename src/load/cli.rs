@@ -122,7 +122,7 @@ pub struct CompareArgs {
     #[arg(long)]
     pub peers: bool,
 
-    /// Also measure two minimal C echo servers (fork, thread), built with cc at run time.
+    /// Also measure two minimal C echo servers (fork, thread), built at run time with $CC $CFLAGS (default: cc -O2).
     #[arg(long)]
     pub floor: bool,
 

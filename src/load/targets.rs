@@ -193,7 +193,8 @@ impl Launcher {
         }
     }
 
-    /// Compile a floor server into the output directory with `cc -O2`.
+    /// Compile a floor server into the output directory with `$CC $CFLAGS`
+    /// (default `cc -O2`; `CFLAGS="-O2 -static-pie"` builds it statically linked).
     fn build_floor(&self, kind: Kind) -> Result<PathBuf, Error> {
         let (stem, source, extra): (&str, &str, &[&str]) = match kind {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
@@ -203,8 +204,10 @@ impl Launcher {
         let bin = self.out.join(stem);
         write(&src, source)?;
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+        let cflags = std::env::var("CFLAGS").unwrap_or_else(|_| "-O2".to_string());
         let out = Command::new(&cc)
-            .args(["-O2", "-o"])
+            .args(cflags.split_whitespace())
+            .arg("-o")
             .arg(&bin)
             .arg(&src)
             .args(extra)
