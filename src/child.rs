@@ -10,11 +10,19 @@
 //! runs its destructors or atexit handlers. The exit status says how the
 //! connection ended ([`End::exit_code`]).
 //!
-//! Whatever the child writes it copies (fork shares the dispatcher's pages
-//! copy-on-write), so it allocates nothing and writes no static: its title
-//! comes formatted from the dispatcher, its name is a C literal, and its
-//! echo buffer is memory the dispatcher never touched.
+//! Every page a child touches costs it a page fault, and the pages it maps
+//! are torn down again at its exit: on a loopback echo that is most of what
+//! a connection costs beyond the fork itself. So the child touches as little
+//! as it can. Whatever it writes it copies (fork shares the dispatcher's
+//! pages copy-on-write), so it allocates nothing and writes no static: its
+//! title comes formatted from the dispatcher, its name is a copy the dispatcher made at start, and
+//! its echo buffer is memory the dispatcher never touched. And its code,
+//! from the return of `fork` to `_exit`, sits in one section of its own,
+//! `.text.hot.forkd_child`, which the linker places in one piece: a few
+//! pages of code rather than a page here and there across the binary. It
+//! reads no tables of constants (those live in yet other pages).
 
+use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +58,22 @@ pub struct ChildSetup {
     pub die_with_parent: bool,
     pub dispatcher: Pid,
     pub title: Option<TitleArea>,
+    /// The children's short name, `forkd-conn`. A copy on the dispatcher's
+    /// heap rather than a literal: the kernel reads it from the child's
+    /// memory, and the heap's pages are mapped in every child already,
+    /// while a literal's page of read-only data would be one more fault.
+    pub comm: CString,
+}
+
+impl ChildSetup {
+    pub fn new(die_with_parent: bool, dispatcher: Pid, title: Option<TitleArea>) -> ChildSetup {
+        ChildSetup {
+            die_with_parent,
+            dispatcher,
+            title,
+            comm: c"forkd-conn".to_owned(),
+        }
+    }
 }
 
 /// Serve one connection in this freshly forked child, then `_exit`.
@@ -57,6 +81,7 @@ pub struct ChildSetup {
 /// `name` is the title the dispatcher prepared for this child; `buf` is the
 /// dispatcher's untouched echo buffer (see `ForkModel`);
 /// `bytes` is this child's scoreboard slot.
+#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn serve(
     conn: OwnedFd,
     peer: SocketAddr,
@@ -74,7 +99,7 @@ pub fn serve(
         }
     }
     close_inherited(conn.as_raw_fd());
-    title::set_comm(c"forkd-conn");
+    title::set_comm(&setup.comm);
     if let Some(area) = &setup.title {
         area.set(name);
     }
@@ -91,12 +116,14 @@ pub fn serve(
 }
 
 /// Leave the process at once: no destructors, no atexit handlers, no stdio flush.
+#[unsafe(link_section = ".text.hot.forkd_child")]
 fn exit(code: i32) -> ! {
     // SAFETY: _exit(2) ends the process; nothing of the dispatcher's runs.
     unsafe { libc::_exit(code) }
 }
 
 /// Close every descriptor above stderr except `keep`.
+#[unsafe(link_section = ".text.hot.forkd_child")]
 fn close_inherited(keep: i32) {
     let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
     for (lo, hi) in ranges {

@@ -26,7 +26,7 @@ use crate::child::{self, ChildSetup};
 use crate::cli::ReapMode;
 use crate::dispatcher::{Collect, How, Model, Stop};
 use crate::reaper;
-use crate::scoreboard::{PidIndex, shared_zeroed};
+use crate::scoreboard::PidIndex;
 
 /// Room for a child's title: `forkd: conn ` and the longest IPv6 peer.
 const TITLE_MAX: usize = 64;
@@ -36,11 +36,6 @@ pub struct ForkModel {
     setup: ChildSetup,
     /// Child pid -> scoreboard slot.
     pids: PidIndex,
-    /// Each slot's process title, formatted by the dispatcher before the
-    /// fork: formatting code run in the dispatcher is already mapped, while
-    /// in the child every page of it would be a fault. Shared memory, so
-    /// the dispatcher's writes leave no copy-on-write page behind.
-    titles: &'static mut [[u8; TITLE_MAX]],
     /// The echo buffer every child inherits, allocated once and never
     /// touched by the dispatcher: its pages are not even present until a
     /// child reads into them, so a 64-byte echo costs a child one page, not
@@ -50,15 +45,8 @@ pub struct ForkModel {
 
 impl ForkModel {
     /// Call [`reaper::install`] with room for every child first.
-    pub fn new(
-        reap: ReapMode,
-        setup: ChildSetup,
-        buffer: usize,
-        max_conns: usize,
-    ) -> io::Result<ForkModel> {
+    pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> io::Result<ForkModel> {
         Ok(ForkModel {
-            // SAFETY: all-zero bytes are valid.
-            titles: unsafe { shared_zeroed::<[u8; TITLE_MAX]>(max_conns)? },
             reap,
             setup,
             pids: PidIndex::new()?,
@@ -81,6 +69,10 @@ impl Model for ForkModel {
         "pid"
     }
 
+    // Never inlined, and in the child's code section: the child resumes
+    // here when fork returns (see `crate::child` on the pages a child touches).
+    #[inline(never)]
+    #[unsafe(link_section = ".text.hot.forkd_child")]
     fn start(
         &mut self,
         conn: OwnedFd,
@@ -88,7 +80,12 @@ impl Model for ForkModel {
         slot: u32,
         bytes: &'static AtomicU64,
     ) -> io::Result<u64> {
-        let title = &mut self.titles[slot as usize];
+        // The child's title, formatted by the dispatcher before the fork:
+        // the formatting code is mapped in the dispatcher, while in the
+        // child every page of it would be a fault. On the stack, whose page
+        // the dispatcher dirties anyway and the child can read for free
+        // (fork copies the page table entries of private memory).
+        let mut title = [0u8; TITLE_MAX];
         let mut cursor = std::io::Cursor::new(&mut title[..]);
         let _ = write!(cursor, "forkd: conn {peer}");
         let title_len = cursor.position() as usize;
@@ -98,8 +95,14 @@ impl Model for ForkModel {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => {
                 // ---- child: from here on, this is the connection's process.
-                let name = &self.titles[slot as usize][..title_len];
-                child::serve(conn, peer, name, &self.setup, &mut self.buffer, bytes)
+                child::serve(
+                    conn,
+                    peer,
+                    &title[..title_len],
+                    &self.setup,
+                    &mut self.buffer,
+                    bytes,
+                )
             }
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.

@@ -85,13 +85,13 @@ pub fn run(config: Config) -> Result<u8, Error> {
             )
             .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
             child::exit_on_panic_in_children(nix::unistd::getpid());
-            let setup = ChildSetup {
-                die_with_parent: config.die_with_parent,
-                dispatcher: nix::unistd::getpid(),
-                title: title::TitleArea::capture(),
-            };
-            let model = ForkModel::new(config.reap, setup, config.buffer, config.max_conns)
-                .map_err(|e| Error::os("cannot map the pid index and echo buffer", e))?;
+            let setup = ChildSetup::new(
+                config.die_with_parent,
+                nix::unistd::getpid(),
+                title::TitleArea::capture(),
+            );
+            let model = ForkModel::new(config.reap, setup, config.buffer)
+                .map_err(|e| Error::os("cannot map the pid index", e))?;
             announce(&config, &listeners, activated, &model_name(&config), nofile);
             Dispatcher::new(model, board, listeners, signals, settings)?.run()?
         }

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use nix::fcntl::OFlag;
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 
 /// What a signal asked the dispatcher to do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -164,18 +164,26 @@ fn alternate_stack() -> io::Result<()> {
 }
 
 /// In a freshly forked child: default dispositions for every signal the
-/// dispatcher handles. The mask is already empty (see `install`); SIGPIPE
-/// stays ignored.
+/// dispatcher handles, and no alternate stack. The mask is already empty
+/// (see `install`); SIGPIPE stays ignored.
+///
+/// A child's code (see `crate::child`): plain libc calls on constants, no
+/// table of signals to read and no sigset to build, so it touches no page
+/// beyond libc's sigaction and sigaltstack.
+#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn reset_in_child() {
-    let default = nix::sys::signal::SigAction::new(
-        SigHandler::SigDfl,
-        nix::sys::signal::SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for signal in HANDLED.iter().map(|(s, _)| *s).chain([Signal::SIGCHLD]) {
+    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty mask.
+    let default: libc::sigaction = unsafe { std::mem::zeroed() };
+    let reset = |signal: libc::c_int| {
         // SAFETY: installing SIG_DFL runs no code of ours in signal context.
-        let _ = unsafe { nix::sys::signal::sigaction(signal, &default) };
-    }
+        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
+    };
+    // HANDLED's signals (checked by a test below), then SIGCHLD.
+    reset(libc::SIGTERM);
+    reset(libc::SIGINT);
+    reset(libc::SIGQUIT);
+    reset(libc::SIGUSR1);
+    reset(libc::SIGCHLD);
     // The alternate stack is the dispatcher's, in memory it shares with
     // every child; any handler left (std's SIGSEGV one) runs on the
     // child's own stack instead.
@@ -186,4 +194,17 @@ pub fn reset_in_child() {
     };
     // SAFETY: disabling the alternate stack touches no memory of ours.
     unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_resets_every_handled_signal() {
+        // `reset_in_child` names its signals one by one; it must name these.
+        let reset = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1];
+        let handled: Vec<i32> = HANDLED.iter().map(|(s, _)| *s as i32).collect();
+        assert_eq!(handled, reset);
+    }
 }
