@@ -1,7 +1,7 @@
 //! Thread mode: one thread per connection inside the dispatcher process,
 //! running the same echo handler as fork mode.
 //!
-//! Each thread reports its end through a channel. It wakes the dispatcher
+//! Each thread reports its end in a list shared with the dispatcher. It wakes the dispatcher
 //! (through the pipe the signal handlers use) only when the dispatcher
 //! wants ends at once: when it waits for room (at the cap, or stopping),
 //! logs each end, or keeps systemd's status line live. Otherwise ends are collected at the dispatcher's next
@@ -20,9 +20,8 @@ use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
+use std::sync::{Mutex, PoisonError};
 
 use nix::sys::socket::{Shutdown, shutdown};
 
@@ -30,13 +29,40 @@ use crate::dispatcher::{Collect, How, Model, Stop};
 use crate::echo;
 use crate::signals;
 
-pub struct ThreadModel {
-    /// Each slot's socket while its thread runs (-1: none).
-    sockets: Arc<[Mutex<RawFd>]>,
-    ends_tx: Sender<(u32, How)>,
-    ends: Receiver<(u32, How)>,
+type Buffer = Box<[MaybeUninit<u8>]>;
+
+/// What the dispatcher and every connection thread share. Allocated once
+/// and never freed: detached threads may outlive any owner.
+///
+/// A connection's thread allocates and frees nothing. Its first malloc or
+/// free would give it glibc's per-thread cache and attach it to an arena,
+/// which it would give back at exit: a cost per connection. So its echo
+/// buffer comes from the dispatcher through its slot and goes back with its
+/// end, and the list of ends has room for every slot from the start.
+struct Hub {
+    /// Ends not yet collected, each with the buffer to free.
+    ends: Mutex<Vec<(u32, How, Option<Buffer>)>>,
     /// Whether an end must wake the dispatcher at once (see module docs).
-    wake_on_end: Arc<AtomicBool>,
+    wake_on_end: AtomicBool,
+}
+
+/// One connection slot, handed to its thread by address.
+struct Slot {
+    index: u32,
+    hub: &'static Hub,
+    /// The slot's socket while its thread runs (-1: none).
+    socket: Mutex<RawFd>,
+    /// The scoreboard's byte counter for the slot.
+    bytes: AtomicPtr<AtomicU64>,
+    /// The echo buffer, from the dispatcher to the thread.
+    buffer: Mutex<Option<Buffer>>,
+}
+
+pub struct ThreadModel {
+    hub: &'static Hub,
+    slots: &'static [Slot],
+    /// Ends taken from the hub, kept between collects for its capacity.
+    taken: Vec<(u32, How, Option<Buffer>)>,
     next_id: u64,
     stack: usize,
     buffer: usize,
@@ -45,12 +71,23 @@ pub struct ThreadModel {
 impl ThreadModel {
     /// For up to `max_conns` connections at once.
     pub fn new(stack: usize, buffer: usize, max_conns: usize) -> ThreadModel {
-        let (ends_tx, ends) = channel();
+        let hub: &'static Hub = Box::leak(Box::new(Hub {
+            ends: Mutex::new(Vec::with_capacity(max_conns)),
+            wake_on_end: AtomicBool::new(true),
+        }));
+        let slots = (0..max_conns as u32)
+            .map(|index| Slot {
+                index,
+                hub,
+                socket: Mutex::new(-1),
+                bytes: AtomicPtr::new(std::ptr::null_mut()),
+                buffer: Mutex::new(None),
+            })
+            .collect();
         ThreadModel {
-            sockets: (0..max_conns).map(|_| Mutex::new(-1)).collect(),
-            ends_tx,
-            ends,
-            wake_on_end: Arc::new(AtomicBool::new(true)),
+            hub,
+            slots: Vec::leak(slots),
+            taken: Vec::with_capacity(max_conns),
             next_id: 1,
             stack,
             buffer,
@@ -76,42 +113,20 @@ impl Model for ThreadModel {
     ) -> io::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        *lock(&self.sockets[slot as usize]) = conn.as_raw_fd();
-        let sockets = Arc::clone(&self.sockets);
-        let ends = self.ends_tx.clone();
-        let wake = Arc::clone(&self.wake_on_end);
-        let buffer = self.buffer;
-        let spawned = spawn(
-            self.stack,
-            Box::new(move || {
-                let mut sock = TcpStream::from(conn);
-                // Uninitialised heap memory: no syscall, and no page touched
-                // before data arrives.
-                let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
-                let outcome =
-                    panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, &mut buf)))
-                        .unwrap_or(echo::Outcome {
-                            bytes: 0,
-                            end: echo::End::Error(0),
-                        });
-                bytes.store(outcome.bytes, Ordering::Relaxed);
-                {
-                    let mut fd = lock(&sockets[slot as usize]);
-                    *fd = -1;
-                    drop(sock);
-                }
-                let _ = ends.send((slot, How::Returned(outcome.end)));
-                // Pairs with the fence in `collect`: either this thread sees
-                // the flag, or the dispatcher sees the end.
-                fence(Ordering::SeqCst);
-                if wake.load(Ordering::Relaxed) {
-                    signals::wake();
-                }
-            }),
-        );
-        if let Err(e) = spawned {
-            // The job, and with it the connection, was dropped.
-            *lock(&self.sockets[slot as usize]) = -1;
+        let s = &self.slots[slot as usize];
+        s.bytes
+            .store(std::ptr::from_ref(bytes).cast_mut(), Ordering::Relaxed);
+        // Uninitialised: no page of it is touched before data arrives.
+        *lock(&s.buffer) = Some(Box::new_uninit_slice(self.buffer));
+        // The thread owns the descriptor from here on (see `serve`).
+        *lock(&s.socket) = conn.as_raw_fd();
+        std::mem::forget(conn);
+        if let Err(e) = spawn(self.stack, s) {
+            // No thread: close the connection here.
+            let fd = std::mem::replace(&mut *lock(&s.socket), -1);
+            // SAFETY: `fd` was the accepted connection's, owned by nobody else.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            lock(&s.buffer).take();
             return Err(e);
         }
         Ok(id)
@@ -123,9 +138,11 @@ impl Model for ThreadModel {
         let urgent = why == Collect::NeedRoom
             || log::log_enabled!(log::Level::Info)
             || crate::systemd::notify_socket_set();
-        self.wake_on_end.store(urgent, Ordering::Relaxed);
+        self.hub.wake_on_end.store(urgent, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        while let Ok((slot, how)) = self.ends.try_recv() {
+        std::mem::swap(&mut *lock(&self.hub.ends), &mut self.taken);
+        for (slot, how, buffer) in self.taken.drain(..) {
+            drop(buffer);
             ended(slot, how);
         }
     }
@@ -136,7 +153,7 @@ impl Model for ThreadModel {
             Stop::Kill => Shutdown::Both,
         };
         for (slot, _) in targets {
-            let fd = lock(&self.sockets[slot as usize]);
+            let fd = lock(&self.slots[slot as usize].socket);
             if *fd >= 0 {
                 // The thread cannot close the socket while we hold its lock.
                 let _ = shutdown(*fd, how);
@@ -145,39 +162,69 @@ impl Model for ThreadModel {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A connection's thread: echo, record the end, wake the dispatcher if it asked.
+fn serve(s: &'static Slot) {
+    let fd = *lock(&s.socket);
+    // SAFETY: the dispatcher handed this descriptor to this thread alone
+    // (`start` forgot its OwnedFd); it is closed below, under the lock.
+    let mut sock = TcpStream::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    let mut buffer = lock(&s.buffer).take();
+    let outcome = match buffer.as_deref_mut() {
+        Some(buf) => panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf))).ok(),
+        None => None,
+    }
+    .unwrap_or(echo::Outcome {
+        bytes: 0,
+        end: echo::End::Error(0),
+    });
+    // SAFETY: `start` stored the slot's scoreboard counter, which lives until exit.
+    if let Some(bytes) = unsafe { s.bytes.load(Ordering::Relaxed).as_ref() } {
+        bytes.store(outcome.bytes, Ordering::Relaxed);
+    }
+    {
+        let mut fd = lock(&s.socket);
+        *fd = -1;
+        drop(sock);
+    }
+    // The list has room for every slot: no allocation here.
+    lock(&s.hub.ends).push((s.index, How::Returned(outcome.end), buffer));
+    // Pairs with the fence in `collect`: either this thread sees the flag,
+    // or the dispatcher sees the end.
+    fence(Ordering::SeqCst);
+    if s.hub.wake_on_end.load(Ordering::Relaxed) {
+        signals::wake();
+    }
+}
 
-/// Start a detached thread with a `stack`-byte stack running `job`.
+/// Start a detached thread with a `stack`-byte stack serving `slot`.
 ///
 /// Straight through pthread_create rather than std::thread: std gives each
 /// thread a signal stack for its overflow message (mmap, mprotect,
 /// sigaltstack, and at exit munmap, whose TLB shoot-down interrupts every
-/// other thread), a name and a join handle, which cost a short connection
-/// more than its echo. Overflow still hits the guard page (SIGSEGV).
-fn spawn(stack: usize, job: Job) -> io::Result<()> {
+/// other thread), a name, a join handle and a boxed closure, which cost a
+/// short connection more than its echo. Overflow still hits the guard page
+/// (SIGSEGV).
+fn spawn(stack: usize, slot: &'static Slot) -> io::Result<()> {
     extern "C" fn run(arg: *mut c_void) -> *mut c_void {
-        // SAFETY: `arg` is the Box<Job> leaked by `spawn`, handed to exactly
-        // this one thread.
-        let job = unsafe { Box::from_raw(arg.cast::<Job>()) };
-        // A panic must not unwind into C; the job catches its own.
-        let _ = panic::catch_unwind(AssertUnwindSafe(job));
+        // SAFETY: `arg` is the `&'static Slot` given to pthread_create below.
+        let slot = unsafe { &*arg.cast::<Slot>() };
+        // A panic must not unwind into C; `serve` catches the echo's own.
+        let _ = panic::catch_unwind(|| serve(slot));
         std::ptr::null_mut()
     }
-    let arg = Box::into_raw(Box::new(job));
     let mut attr = MaybeUninit::<libc::pthread_attr_t>::uninit();
     // SAFETY: `attr` is initialised by pthread_attr_init before use and
-    // destroyed after; `run` takes ownership of `arg` only if the thread
-    // starts, and otherwise it is reclaimed here.
+    // destroyed after; the slot outlives the thread (it is never freed).
     unsafe {
         let attr = attr.as_mut_ptr();
         libc::pthread_attr_init(attr);
         libc::pthread_attr_setstacksize(attr, stack.max(libc::PTHREAD_STACK_MIN));
         libc::pthread_attr_setdetachstate(attr, libc::PTHREAD_CREATE_DETACHED);
         let mut tid: libc::pthread_t = 0;
-        let r = libc::pthread_create(&mut tid, attr, run, arg.cast());
+        let arg = std::ptr::from_ref(slot).cast_mut().cast();
+        let r = libc::pthread_create(&mut tid, attr, run, arg);
         libc::pthread_attr_destroy(attr);
         if r != 0 {
-            drop(Box::from_raw(arg));
             return Err(io::Error::from_raw_os_error(r));
         }
     }
