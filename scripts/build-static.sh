@@ -9,7 +9,7 @@
 # Why: every fork copies the dispatcher's memory map, and every exit tears
 # the child's down. Linked dynamically, forkd maps 31 regions (its own, the
 # loader's, libc's, libgcc_s's); statically, 14. A statically linked forkd
-# accepts about 20 % more connections a second (README, "Performance").
+# accepts about 30 % more connections a second (README, "Performance").
 #
 # Only the forkd binary gets +crt-static (through `cargo rustc`), so the
 # proc-macro crates still build as the dylibs they must be. It has its own

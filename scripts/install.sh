@@ -15,7 +15,7 @@
 #               reads whatever PREFIX is)
 #   FORKD_BIN   install this forkd binary instead of building one
 #   LINK        static (default) or dynamic (plain cargo build --release):
-#               the static build accepts about 20 % more connections a
+#               the static build accepts about 30 % more connections a
 #               second, since every fork copies a smaller memory map
 #
 # Installed files (and the only ones --uninstall removes; give it the same
