@@ -5,7 +5,9 @@
 # usage: scripts/compare.sh [--install] [OUT_DIR] [-- more forkd-load compare options]
 #   --install   first install the missing peers with apt-get (socat, ucspi-tcp)
 #   OUT_DIR     where compare.md, compare.svg and compare.json go (default target/compare)
-# Environment: DURATION (default 10s), HOLD (default 2000).
+# Environment: DURATION (default 10s), HOLD (default 2000), LINK: static
+#   (default: the forkd scripts/install.sh installs, from
+#   scripts/build-static.sh) or dynamic (plain cargo build --release).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -15,7 +17,7 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 	--install) install=yes ;;
 	--) shift; break ;;
-	-h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	-*) echo "compare.sh: unknown option $1 (try --help)" >&2; exit 64 ;;
 	*) out=$1 ;;
 	esac
@@ -39,7 +41,12 @@ fi
 
 cargo build --release --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
-exec "$bin/forkd-load" compare --forkd "$bin/forkd" \
+case "${LINK:-static}" in
+static) forkd=$(scripts/build-static.sh) ;;
+dynamic) forkd="$bin/forkd" ;;
+*) echo "compare.sh: LINK must be static or dynamic" >&2; exit 64 ;;
+esac
+exec "$bin/forkd-load" compare --forkd "$forkd" \
 	--modes fork,thread --floor --peers \
 	--duration "${DURATION:-10s}" --hold "${HOLD:-2000}" \
 	--out "$out" "$@"
