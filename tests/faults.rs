@@ -410,19 +410,8 @@ fn a_child_killed_by_sigkill_is_reaped_logged_and_service_goes_on() {
 }
 
 fn status_ids(pid: i32) -> (String, String, String) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let get = |k: &str| {
-        s.lines()
-            .find(|l| l.starts_with(k))
-            .map(|l| {
-                l[k.len()..]
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default()
-    };
-    (get("Uid:"), get("Gid:"), get("Groups:"))
+    let get = |k| status_field(pid, k);
+    (get("Uid"), get("Gid"), get("Groups"))
 }
 
 #[test]
@@ -516,15 +505,9 @@ fn a_stalled_client_does_not_slow_a_100_mib_stream() {
 
 /// Capability sets of a process from /proc/PID/status, as hex strings.
 fn capabilities(pid: i32) -> Vec<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"]
+    ["CapInh", "CapPrm", "CapEff", "CapAmb"]
         .iter()
-        .map(|k| {
-            s.lines()
-                .find(|l| l.starts_with(k))
-                .map(|l| l[k.len()..].trim().to_string())
-                .unwrap_or_default()
-        })
+        .map(|k| status_field(pid, k))
         .collect()
 }
 

@@ -116,12 +116,7 @@ fn two_hundred_clients(mode: &str) {
         );
     }
     if mode == "thread" && served_at_once == CLIENTS {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", f.pid())).unwrap();
-        let threads: usize = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0);
+        let threads: usize = status_field(f.pid(), "Threads").parse().unwrap_or(0);
         f.check(
             threads > CLIENTS,
             &format!("{threads} threads for {CLIENTS} open clients"),

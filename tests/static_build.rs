@@ -89,16 +89,15 @@ fn static_build_is_static_and_serves_as_any_forkd() {
     let mut s = connect(f.addr());
     ping(&mut s, b"who am I");
     let kid = f.live_children()[0];
-    let uid_line = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("Uid:"))
-            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-    };
-    let nobody = Some("65534 65534 65534 65534".to_string());
-    f.check(uid_line(f.pid()) == nobody, "the dispatcher is not nobody");
-    f.check(uid_line(kid) == nobody, "the child is not nobody");
+    let nobody = "65534 65534 65534 65534";
+    f.check(
+        status_field(f.pid(), "Uid") == nobody,
+        "the dispatcher is not nobody",
+    );
+    f.check(
+        status_field(kid, "Uid") == nobody,
+        "the child is not nobody",
+    );
     drop(s);
     f.check(
         wait_until(Duration::from_secs(10), || f.children().is_empty()),

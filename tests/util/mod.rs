@@ -278,6 +278,17 @@ impl Forkd {
     }
 }
 
+/// Field `key` of /proc/PID/status (`"Uid"`, `"Threads"`...), its words
+/// joined by single spaces; empty if the process or the field is gone.
+pub fn status_field(pid: i32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// User plus system CPU time `pid` has used, from /proc/PID/stat.
 pub fn cpu_time(pid: i32) -> Option<Duration> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
