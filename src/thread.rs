@@ -18,7 +18,7 @@ use std::ffi::c_void;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
@@ -118,14 +118,14 @@ impl Model for ThreadModel {
             .store(std::ptr::from_ref(bytes).cast_mut(), Ordering::Relaxed);
         // Uninitialised: no page of it is touched before data arrives.
         *lock(&s.buffer) = Some(Box::new_uninit_slice(self.buffer));
-        // The thread owns the descriptor from here on (see `serve`).
-        *lock(&s.socket) = conn.as_raw_fd();
-        std::mem::forget(conn);
+        // The thread will own the descriptor, and close it (see `serve`).
+        let fd = conn.into_raw_fd();
+        *lock(&s.socket) = fd;
         if let Err(e) = spawn(self.stack, s) {
             // No thread: close the connection here.
-            let fd = std::mem::replace(&mut *lock(&s.socket), -1);
-            // SAFETY: `fd` was the accepted connection's, owned by nobody else.
-            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            *lock(&s.socket) = -1;
+            // SAFETY: `fd` is the accepted connection's, owned by nobody else.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
             lock(&s.buffer).take();
             return Err(e);
         }
@@ -166,8 +166,9 @@ impl Model for ThreadModel {
 fn serve(s: &'static Slot) {
     let fd = *lock(&s.socket);
     // SAFETY: the dispatcher handed this descriptor to this thread alone
-    // (`start` forgot its OwnedFd); it is closed below, under the lock.
-    let mut sock = TcpStream::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    // (`start` gave up its OwnedFd); it is closed
+    // below, under the lock.
+    let mut sock = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut buffer = lock(&s.buffer).take();
     let outcome = match buffer.as_deref_mut() {
         Some(buf) => panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf))).ok(),
