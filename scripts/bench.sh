@@ -27,16 +27,18 @@ cargo build --release --bins
 bin="${CARGO_TARGET_DIR:-target}/release"
 static=$(scripts/build-static.sh)
 status=0
+# The workloads of every run below (split into words on purpose).
+workloads="--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --duration ${DURATION:-10s}"
+# shellcheck disable=SC2086
 "$bin/forkd-load" compare --forkd "$static" --json \
-	--modes fork,thread --floor --peers \
-	--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --hold 2000 \
-	--duration "${DURATION:-10s}" --out "$out" "$@" >"$out/runs.jsonl" || status=$?
+	--modes fork,thread --floor --peers $workloads --hold 2000 \
+	--out "$out" "$@" >"$out/runs.jsonl" || status=$?
 
 # Like for like, fork mode only: each forkd against the floor linked the same way.
 like() { # NAME FORKD [CFLAGS]
+	# shellcheck disable=SC2086
 	CFLAGS=${3:--O2} "$bin/forkd-load" compare --forkd "$2" --json --modes fork --floor \
-		--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --hold 200 \
-		--duration "${DURATION:-10s}" --rounds 1 --out "$out/$1" >"$out/$1.jsonl" || status=$?
+		$workloads --hold 200 --rounds 1 --out "$out/$1" >"$out/$1.jsonl" || status=$?
 }
 like dynamic "$bin/forkd"
 like static "$static" "-O2 -static-pie"

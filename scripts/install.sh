@@ -62,13 +62,15 @@ EOF
 install_all() {
     if [ -n "${FORKD_BIN:-}" ]; then
         binary=$FORKD_BIN
-    elif [ "${LINK:-static}" = dynamic ]; then
-        (cd "$here" && cargo build --release) || die "cargo build --release failed"
-        binary=${CARGO_TARGET_DIR:-$here/target}/release/forkd
-    elif [ "${LINK:-static}" = static ]; then
-        binary=$("$here/scripts/build-static.sh") || die "scripts/build-static.sh failed"
     else
-        die "LINK must be static or dynamic, not ${LINK}" 100
+        case ${LINK:-static} in
+        static)
+            binary=$("$here/scripts/build-static.sh") || die "scripts/build-static.sh failed" ;;
+        dynamic)
+            (cd "$here" && cargo build --release) || die "cargo build --release failed"
+            binary=${CARGO_TARGET_DIR:-$here/target}/release/forkd ;;
+        *) die "LINK must be static or dynamic, not ${LINK}" 100 ;;
+        esac
     fi
     [ -x "$binary" ] || die "no forkd binary at $binary"
 
