@@ -4,6 +4,7 @@ use util::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -192,6 +193,80 @@ fn corrupting_server_fails_rate_and_stream() {
 fn truncating_server_counts_short_reads() {
     // The reader sees fewer bytes than were sent; nothing else goes wrong.
     lies_are_caught(Lie::Truncate, "short_read");
+}
+
+/// A listener that never accepts, its queue already full: the kernel drops
+/// every further SYN, so a connect to it waits until it gives up.
+fn full_listener() -> (OwnedFd, SocketAddr, Vec<TcpStream>) {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, getsockname, listen, socket,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+    // A backlog of 0 queues one connection.
+    listen(&fd, Backlog::new(0).unwrap()).unwrap();
+    let local: SockaddrIn = getsockname(fd.as_raw_fd()).unwrap();
+    let addr = SocketAddr::V4(local.into());
+    let queued: Vec<TcpStream> = (0..2)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok())
+        .collect();
+    assert!(!queued.is_empty(), "nothing queued on {addr}");
+    (fd, addr, queued)
+}
+
+/// A server that accepts and then says nothing, keeping every connection.
+fn silent_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for s in l.incoming().flatten() {
+            kept.push(s);
+        }
+    });
+    addr
+}
+
+#[test]
+fn connects_and_reads_that_hang_count_as_timeouts() {
+    let (_listener, full, _queued) = full_listener();
+    for (addr, what) in [(full, "connect"), (silent_server(), "read")] {
+        let addr = addr.to_string();
+        let args = [
+            "rate",
+            "--addr",
+            &addr,
+            "--duration",
+            "1s",
+            "--timeout",
+            "300ms",
+            "--concurrency",
+            "2",
+            "--json",
+        ];
+        let out = load(&args, LIMIT);
+        assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
+        let r = json(&args, &out);
+        assert_eq!(num(&r, &["conns"]), 0.0, "{r}");
+        assert!(num(&r, &["errors", "timeout"]) > 0.0, "{what}: {r}");
+        assert_eq!(
+            num(&r, &["errors", "total"]),
+            num(&r, &["errors", "timeout"]),
+            "{what}: {r}"
+        );
+        assert!(
+            out.stderr.contains(&format!("{what}: timed out"))
+                || out.stdout.contains(&format!("{what}: timed out")),
+            "{}",
+            explain(&args, &out)
+        );
+    }
 }
 
 #[test]

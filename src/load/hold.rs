@@ -172,10 +172,7 @@ fn tag(i: usize) -> [u8; TAG_LEN] {
 }
 
 fn open(addr: SocketAddr, timeout: Duration, i: usize) -> Result<TcpStream, Failure> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::io("connect", &e))?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| Failure::io("socket options", &e))?;
+    let mut s = sys::connect(addr, timeout).map_err(|e| Failure::io("connect", &e))?;
     s.write_all(&tag(i)).map_err(|e| Failure::io("write", &e))?;
     Ok(s)
 }

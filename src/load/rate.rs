@@ -186,13 +186,9 @@ pub fn one(
     timeout: Duration,
 ) -> Result<Duration, Failure> {
     let t0 = Instant::now();
-    let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::io("connect", &e))?;
-    let setup = s
-        .set_read_timeout(Some(timeout))
-        .and_then(|_| s.set_write_timeout(Some(timeout)))
-        .and_then(|_| s.set_nodelay(true));
-    setup.map_err(|e| Failure::io("socket options", &e))?;
+    // No TCP_NODELAY: the half-close after the payload pushes out its last
+    // segment at once, so Nagle never holds it.
+    let mut s = sys::connect(addr, timeout).map_err(|e| Failure::io("connect", &e))?;
     if payload.len() <= INLINE_WRITE_MAX {
         send(&mut s, payload)?;
         read_echo(&mut s, payload, buf)?;

@@ -128,15 +128,11 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
 
 /// One long connection: the bytes checked, and why it failed if it did.
 fn connection(plan: &Plan, id: u64, deadline: Instant) -> (u64, Option<Failure>) {
-    let mut s = match TcpStream::connect_timeout(&plan.addr, plan.timeout) {
+    let mut s = match sys::connect(plan.addr, plan.timeout) {
         Ok(s) => s,
         Err(e) => return (0, Some(Failure::io("connect", &e))),
     };
-    let setup = s
-        .set_read_timeout(Some(plan.timeout))
-        .and_then(|_| s.set_write_timeout(Some(plan.timeout)))
-        .and_then(|_| s.try_clone());
-    let mut w = match setup {
+    let mut w = match s.try_clone() {
         Ok(w) => w,
         Err(e) => return (0, Some(Failure::io("socket options", &e))),
     };
