@@ -294,6 +294,84 @@ fn hold_counts_the_fork_tree_and_leaves_no_zombie() {
 }
 
 #[test]
+fn paced_rate_sends_what_was_asked_and_no_more() {
+    let f = Forkd::start(&["-q"]);
+    let addr = f.addr().to_string();
+    // 200 a second over 4 workers: one due every 20 ms on each, for 1 s.
+    let args = [
+        "rate",
+        "--addr",
+        &addr,
+        "--duration",
+        "1s",
+        "--concurrency",
+        "4",
+        "--pace",
+        "200",
+        "--json",
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let r = json(&args, &out);
+    assert_eq!(num(&r, &["pace_per_s"]), 200.0, "{r}");
+    assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
+    // A closed loop would have made thousands; the schedule has 200 slots.
+    let conns = num(&r, &["conns"]);
+    assert!((150.0..=200.0).contains(&conns), "{r}");
+    assert!(num(&r, &["elapsed_s"]) >= 0.9, "{r}");
+    assert!(num(&r, &["latency_us", "p50"]) > 0.0, "{r}");
+
+    // Without --pace, the field is there and null.
+    let args = ["rate", "--addr", &addr, "--duration", "100ms", "--json"];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let r = json(&args, &out);
+    assert!(r["pace_per_s"].is_null(), "{r}");
+}
+
+#[test]
+fn compare_runs_only_the_workloads_asked_at_the_pace_asked() {
+    let dir = temp_dir("compare-paced");
+    let out_dir = dir.to_string_lossy().to_string();
+    let args = [
+        "compare",
+        "--modes",
+        "fork",
+        "--workloads",
+        "rate",
+        "--pace",
+        "100",
+        "--duration",
+        "1s",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "2",
+        "--out",
+        &out_dir,
+    ];
+    let out = load(&args, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", explain(&args, &out));
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(
+        j["settings"]["workloads"],
+        serde_json::json!(["rate"]),
+        "{j}"
+    );
+    assert_eq!(num(&j, &["settings", "pace_per_s"]), 100.0, "{j}");
+    let s = &j["servers"][0];
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(num(s, &["rate", "pace_per_s"]), 100.0, "{s}");
+    assert!(num(s, &["rate", "conns"]) <= 100.0, "{s}");
+    assert!(s["stream"].is_null() && s["hold"].is_null(), "{s}");
+    let md = std::fs::read_to_string(dir.join("compare.md")).unwrap();
+    assert!(md.contains("paced at 100 conn/s"), "{md}");
+    assert!(!md.contains("stream ") && !md.contains("hold "), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn compare_writes_a_table_a_chart_and_json() {
     let dir = temp_dir("compare");
     let out_dir = dir.to_string_lossy().to_string();
@@ -370,6 +448,8 @@ fn bad_arguments_are_one_line_usage_errors() {
         &["rate", "--addr", "192.0.2.7:7"][..],
         &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
         &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
+        &["rate", "--addr", "127.0.0.1:7", "--pace", "0"],
+        &["compare", "--out", "x", "--workloads", "rate,nap"],
         &["frobnicate"],
     ] {
         let out = load(args, LIMIT);

@@ -78,6 +78,12 @@ pub struct RateArgs {
     /// Bytes sent (and expected back) on each connection.
     #[arg(long, value_name = "SIZE", default_value = "64", value_parser = parse_size)]
     pub size: usize,
+
+    /// Open loop: start R connections a second in all, spread over the
+    /// workers, and time each from when it was due (default: each worker
+    /// starts its next connection as soon as the last ends).
+    #[arg(long, value_name = "R", value_parser = parse_pace)]
+    pub pace: Option<f64>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -112,6 +118,14 @@ pub struct HoldArgs {
     pub settle: Duration,
 }
 
+/// A workload of `compare`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Rate,
+    Stream,
+    Hold,
+}
+
 #[derive(ClapArgs, Debug, Clone)]
 pub struct CompareArgs {
     /// forkd modes to measure.
@@ -129,6 +143,20 @@ pub struct CompareArgs {
     /// How long each rate and each stream run lasts, per server (split over the rounds).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
+
+    /// Workloads to run, in this order whatever the order given.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "rate,stream,hold"
+    )]
+    pub workloads: Vec<Workload>,
+
+    /// rate: open loop at R connections a second (see `rate --pace`), the
+    /// same load for every server, for latencies at equal load.
+    #[arg(long, value_name = "R", value_parser = parse_pace)]
+    pub pace: Option<f64>,
 
     /// Rounds; each runs rate and stream on every server, in alternating order.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -242,6 +270,19 @@ fn parse_count(s: &str, max: usize) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
         Ok(_) => Err(format!("must be between 1 and {max}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Most connections a second `--pace` asks for.
+pub const MAX_PACE: f64 = 1_000_000.0;
+
+fn parse_pace(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (1.0..=MAX_PACE).contains(&r) => Ok(r),
+        Ok(_) => Err(format!(
+            "must be between 1 and {MAX_PACE} connections a second"
+        )),
         Err(e) => Err(e.to_string()),
     }
 }

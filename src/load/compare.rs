@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::cli::CompareArgs;
+use super::cli::{CompareArgs, Workload};
 use super::report::Report;
 use super::targets::{Kind, Launcher, Server, Started};
 use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys};
@@ -37,10 +37,14 @@ pub struct Machine {
 /// The workloads' settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
+    /// `rate`, `stream`, `hold`: those that ran.
+    pub workloads: Vec<&'static str>,
     pub duration_s: f64,
     pub rounds: u32,
     pub concurrency: usize,
     pub size: usize,
+    /// rate: the open loop's pace in connections a second; null for a closed loop.
+    pub pace_per_s: Option<f64>,
     pub stream_conns: usize,
     pub stream_size: usize,
     pub hold: usize,
@@ -166,6 +170,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         }
     }
 
+    let wants = |w: Workload| a.workloads.contains(&w);
     let slice = a.duration / a.rounds;
     for round in 0..a.rounds {
         let order: Vec<usize> = if round % 2 == 0 {
@@ -173,7 +178,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         } else {
             (0..slots.len()).rev().collect()
         };
-        for &i in &order {
+        for &i in order.iter().filter(|_| wants(Workload::Rate)) {
             let s = &mut slots[i];
             if !still_running(s, "rate") {
                 continue;
@@ -185,6 +190,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
                 size: a.size,
                 timeout: a.timeout,
                 pid: Some(s.server.pid()),
+                pace: a.pace,
             };
             let o = rate::run(&plan, &format!("rate {}", s.server.name()))?;
             match &mut s.rate {
@@ -193,7 +199,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             }
             std::thread::sleep(BETWEEN_RUNS);
         }
-        for &i in &order {
+        for &i in order.iter().filter(|_| wants(Workload::Stream)) {
             let s = &mut slots[i];
             if !still_running(s, "stream") {
                 continue;
@@ -214,7 +220,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             std::thread::sleep(BETWEEN_RUNS);
         }
     }
-    for s in slots.iter_mut() {
+    for s in slots.iter_mut().filter(|_| wants(Workload::Hold)) {
         if !still_running(s, "hold") {
             continue;
         }
@@ -241,7 +247,13 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         let rate = s.rate.map(|o| tag(o.report(addr)));
         let stream = s.stream.map(|o| tag(o.report(addr)));
         let hold = s.hold.map(tag);
-        let ran_all = rate.is_some() && stream.is_some() && hold.is_some();
+        let ran_all = [
+            (Workload::Rate, rate.is_some()),
+            (Workload::Stream, stream.is_some()),
+            (Workload::Hold, hold.is_some()),
+        ]
+        .iter()
+        .all(|&(w, ran)| ran || !wants(w));
         let clean = [&rate, &stream, &hold]
             .iter()
             .all(|r| r.as_ref().is_none_or(|r| r.ok));
@@ -265,10 +277,20 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     let comparison = Comparison {
         machine: machine(cpus, pinned),
         settings: Settings {
+            workloads: [
+                (Workload::Rate, "rate"),
+                (Workload::Stream, "stream"),
+                (Workload::Hold, "hold"),
+            ]
+            .into_iter()
+            .filter(|&(w, _)| wants(w))
+            .map(|(_, name)| name)
+            .collect(),
             duration_s: a.duration.as_secs_f64(),
             rounds: a.rounds,
             concurrency: a.concurrency,
             size: a.size,
+            pace_per_s: a.pace,
             stream_conns: a.stream_conns,
             stream_size: a.stream_size,
             hold: a.hold,

@@ -2,7 +2,7 @@
 //! with the machine and settings it was measured with.
 
 use super::chart::short;
-use super::compare::{Comparison, Row};
+use super::compare::{Comparison, Row, Settings};
 
 /// The whole file.
 pub fn render(c: &Comparison) -> String {
@@ -19,20 +19,7 @@ pub fn render(c: &Comparison) -> String {
             None => String::new(),
         }
     ));
-    let s = &c.settings;
-    out.push_str(&format!(
-        "Workloads, each server in turn, {} round(s) in alternating order: \
-         rate {} workers x {} B for {} s; stream {} connections x {} B writes for {} s; \
-         hold {} idle connections.\n\n",
-        s.rounds,
-        s.concurrency,
-        s.size,
-        s.duration_s,
-        s.stream_conns,
-        s.stream_size,
-        s.duration_s,
-        s.hold
-    ));
+    out.push_str(&workloads(&c.settings));
     out.push_str(&table(&c.servers));
     out.push('\n');
     out.push_str(
@@ -98,4 +85,34 @@ pub fn table(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+/// The line that says what each server was put through.
+fn workloads(s: &Settings) -> String {
+    let each: Vec<String> = s
+        .workloads
+        .iter()
+        .map(|w| match *w {
+            "rate" => match s.pace_per_s {
+                Some(p) => format!(
+                    "rate {} workers x {} B, paced at {p} conn/s in all (open loop), for {} s",
+                    s.concurrency, s.size, s.duration_s
+                ),
+                None => format!(
+                    "rate {} workers x {} B for {} s",
+                    s.concurrency, s.size, s.duration_s
+                ),
+            },
+            "stream" => format!(
+                "stream {} connections x {} B writes for {} s",
+                s.stream_conns, s.stream_size, s.duration_s
+            ),
+            _ => format!("hold {} idle connections", s.hold),
+        })
+        .collect();
+    format!(
+        "Workloads, each server in turn, {} round(s) in alternating order: {}.\n\n",
+        s.rounds,
+        each.join("; ")
+    )
 }

@@ -42,6 +42,8 @@ pub struct Plan {
     pub timeout: Duration,
     /// The server's pid, for its tree's CPU time.
     pub pid: Option<i32>,
+    /// Open loop: connections a second in all (see [`worker`]).
+    pub pace: Option<f64>,
 }
 
 /// What a rate run measured; runs against one server can be merged.
@@ -54,6 +56,7 @@ pub struct Outcome {
     pub elapsed: Duration,
     pub gen_cpu_s: f64,
     pub server_cpu_s: Option<f64>,
+    pub pace: Option<f64>,
 }
 
 impl Outcome {
@@ -85,6 +88,7 @@ impl Outcome {
             errors: self.errors.clone(),
             gen_cpu_s: self.gen_cpu_s,
             server_cpu_s: self.server_cpu_s,
+            pace_per_s: self.pace,
             ok: self.errors.total == 0 && self.conns > 0,
             ..Report::default()
         }
@@ -100,6 +104,7 @@ pub fn main(a: &RateArgs) -> Result<u8, Error> {
         size: a.size,
         timeout: a.common.timeout,
         pid: a.common.pid,
+        pace: a.pace,
     };
     let report = run(&plan, "rate")?.report(plan.addr);
     report.print(a.common.json);
@@ -120,7 +125,7 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
         &progress,
         start,
         deadline,
-        |id| worker(plan, id as u64, deadline),
+        |id| worker(plan, id, start, deadline),
     )?;
     progress.finish();
     let elapsed = start.elapsed();
@@ -132,6 +137,7 @@ pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
         elapsed,
         gen_cpu_s: sys::self_cpu_s() - cpu0,
         server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
+        pace: plan.pace,
     };
     for w in results {
         total.conns += w.conns;
@@ -149,8 +155,21 @@ struct WorkerResult {
     latency: Histogram<u64>,
 }
 
-fn worker(plan: &Plan, id: u64, deadline: Instant) -> WorkerResult {
-    let source = pattern::bytes(plan.size + SHIFTS, id + 1);
+/// One worker's connections, one after another.
+///
+/// Closed loop (no pace), the next starts when the last ends, and a
+/// connection's latency is its own duration. Open loop, at a pace of R a
+/// second, each of the N workers has a connection due every N/R seconds (the
+/// workers' schedules staggered evenly), waits for it if early, and times
+/// it from when it was due: a server that falls behind is charged the
+/// waiting too, rather than being sent less (the "coordinated omission" a
+/// closed loop commits).
+fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerResult {
+    let source = pattern::bytes(plan.size + SHIFTS, id as u64 + 1);
+    let every = plan
+        .pace
+        .map(|r| Duration::from_secs_f64(plan.concurrency as f64 / r));
+    let mut due = every.map(|e| start + e.mul_f64(id as f64 / plan.concurrency as f64));
     let mut buf = vec![0u8; plan.size.clamp(4096, 64 << 10)];
     let mut r = WorkerResult {
         conns: 0,
@@ -160,13 +179,28 @@ fn worker(plan: &Plan, id: u64, deadline: Instant) -> WorkerResult {
     };
     let mut n = 0usize;
     while Instant::now() < deadline {
+        if let Some(d) = due {
+            if d >= deadline {
+                break;
+            }
+            std::thread::sleep(d.saturating_duration_since(Instant::now()));
+        }
         let shift = n % SHIFTS;
         n += 1;
         let payload = &source[shift..shift + plan.size];
-        match one(plan.addr, payload, &mut buf, plan.timeout) {
+        let outcome = one(plan.addr, payload, &mut buf, plan.timeout);
+        if let (Some(d), Some(e)) = (&mut due, every) {
+            *d += e;
+        }
+        match outcome {
             Ok(took) => {
                 r.conns += 1;
                 r.bytes += payload.len() as u64;
+                // Open loop: from when it was due (`due` has moved on by one).
+                let took = match (due, every) {
+                    (Some(d), Some(e)) => (d - e).elapsed(),
+                    _ => took,
+                };
                 record(&mut r.latency, took);
             }
             Err(f) => {

@@ -209,8 +209,11 @@ pub struct Report {
     pub bytes: u64,
     /// stream (and rate): checked bytes per second, in MiB.
     pub mib_per_s: Option<f64>,
-    /// rate: latency of a whole connection, connect to the end of its echo.
+    /// rate: latency of a whole connection, connect to the end of its echo
+    /// (open loop: from when the connection was due).
     pub latency_us: Option<Latency>,
+    /// rate: the open loop's pace in connections a second; null for a closed loop.
+    pub pace_per_s: Option<f64>,
     pub errors: Errors,
     /// hold: connections open and proven served (echoed once).
     pub held: Option<u64>,
@@ -266,10 +269,14 @@ impl Report {
         };
         match self.workload {
             "rate" => out.push_str(&format!(
-                "{name}: {} connections in {:.2} s = {:.1} conn/s\n",
+                "{name}: {} connections in {:.2} s = {:.1} conn/s{}\n",
                 self.conns,
                 self.elapsed_s,
-                self.conn_per_s.unwrap_or(0.0)
+                self.conn_per_s.unwrap_or(0.0),
+                match self.pace_per_s {
+                    Some(p) => format!(" (paced at {p} conn/s)"),
+                    None => String::new(),
+                }
             )),
             "stream" => out.push_str(&format!(
                 "{name}: {} connections, {:.1} MiB echoed and checked in {:.2} s = {:.1} MiB/s\n",
