@@ -128,7 +128,8 @@ for what, v, op, target in checks:
         continue
     ok = v >= target if op == ">=" else v <= target
     failed += not ok
-    print(f"{what:44} {v:8.2f}  {op} {target:<5} {'PASS' if ok else 'FAIL'}")
+    # Three decimals: a ratio of 0.996 must not read as 1.00 next to FAIL.
+    print(f"{what:44} {v:8.3f}  {op} {target:<5} {'PASS' if ok else 'FAIL'}")
 if compare_status != 0:
     print(f"forkd-load compare exited {compare_status}: a run counted errors (see compare.md)")
 print(f"{len(checks) - failed - missing} pass, {failed} fail, {missing} not measured")
