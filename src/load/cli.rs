@@ -119,11 +119,17 @@ pub struct HoldArgs {
 }
 
 /// A workload of `compare`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Workload {
     Rate,
     Stream,
     Hold,
+}
+
+impl Workload {
+    /// Every workload, in the order `compare` runs them.
+    pub const ALL: [Workload; 3] = [Workload::Rate, Workload::Stream, Workload::Hold];
 }
 
 #[derive(ClapArgs, Debug, Clone)]

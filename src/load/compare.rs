@@ -37,8 +37,8 @@ pub struct Machine {
 /// The workloads' settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct Settings {
-    /// `rate`, `stream`, `hold`: those that ran.
-    pub workloads: Vec<&'static str>,
+    /// Those that ran, in the order they ran.
+    pub workloads: Vec<Workload>,
     pub duration_s: f64,
     pub rounds: u32,
     pub concurrency: usize,
@@ -277,15 +277,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     let comparison = Comparison {
         machine: machine(cpus, pinned),
         settings: Settings {
-            workloads: [
-                (Workload::Rate, "rate"),
-                (Workload::Stream, "stream"),
-                (Workload::Hold, "hold"),
-            ]
-            .into_iter()
-            .filter(|&(w, _)| wants(w))
-            .map(|(_, name)| name)
-            .collect(),
+            workloads: Workload::ALL.into_iter().filter(|&w| wants(w)).collect(),
             duration_s: a.duration.as_secs_f64(),
             rounds: a.rounds,
             concurrency: a.concurrency,

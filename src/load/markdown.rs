@@ -2,6 +2,7 @@
 //! with the machine and settings it was measured with.
 
 use super::chart::short;
+use super::cli::Workload;
 use super::compare::{Comparison, Row, Settings};
 
 /// The whole file.
@@ -92,8 +93,8 @@ fn workloads(s: &Settings) -> String {
     let each: Vec<String> = s
         .workloads
         .iter()
-        .map(|w| match *w {
-            "rate" => match s.pace_per_s {
+        .map(|w| match w {
+            Workload::Rate => match s.pace_per_s {
                 Some(p) => format!(
                     "rate {} workers x {} B, paced at {p} conn/s in all (open loop), for {} s",
                     s.concurrency, s.size, s.duration_s
@@ -103,11 +104,11 @@ fn workloads(s: &Settings) -> String {
                     s.concurrency, s.size, s.duration_s
                 ),
             },
-            "stream" => format!(
+            Workload::Stream => format!(
                 "stream {} connections x {} B writes for {} s",
                 s.stream_conns, s.stream_size, s.duration_s
             ),
-            _ => format!("hold {} idle connections", s.hold),
+            Workload::Hold => format!("hold {} idle connections", s.hold),
         })
         .collect();
     format!(

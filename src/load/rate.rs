@@ -169,7 +169,7 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
     let every = plan
         .pace
         .map(|r| Duration::from_secs_f64(plan.concurrency as f64 / r));
-    let mut due = every.map(|e| start + e.mul_f64(id as f64 / plan.concurrency as f64));
+    let stagger = id as f64 / plan.concurrency as f64;
     let mut buf = vec![0u8; plan.size.clamp(4096, 64 << 10)];
     let mut r = WorkerResult {
         conns: 0,
@@ -179,6 +179,8 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
     };
     let mut n = 0usize;
     while Instant::now() < deadline {
+        // Open loop: this worker's n-th connection is due at start + (n + stagger) × every.
+        let due = every.map(|e| start + e.mul_f64(n as f64 + stagger));
         if let Some(d) = due {
             if d >= deadline {
                 break;
@@ -188,20 +190,12 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
         let shift = n % SHIFTS;
         n += 1;
         let payload = &source[shift..shift + plan.size];
-        let outcome = one(plan.addr, payload, &mut buf, plan.timeout);
-        if let (Some(d), Some(e)) = (&mut due, every) {
-            *d += e;
-        }
-        match outcome {
+        match one(plan.addr, payload, &mut buf, plan.timeout) {
             Ok(took) => {
                 r.conns += 1;
                 r.bytes += payload.len() as u64;
-                // Open loop: from when it was due (`due` has moved on by one).
-                let took = match (due, every) {
-                    (Some(d), Some(e)) => (d - e).elapsed(),
-                    _ => took,
-                };
-                record(&mut r.latency, took);
+                // Open loop: from when it was due.
+                record(&mut r.latency, due.map_or(took, |d| d.elapsed()));
             }
             Err(f) => {
                 r.errors.add(f);
