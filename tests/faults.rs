@@ -429,15 +429,7 @@ fn privileges_drop_after_binding_a_privileged_port() {
         "65534 65534 65534 65534".to_string(),
         String::new(),
     );
-    f.check(
-        status_ids(f.pid()) == want,
-        &format!("dispatcher: {:?}", status_ids(f.pid())),
-    );
-    let kid = f.children()[0].pid;
-    f.check(
-        status_ids(kid) == want,
-        &format!("child: {:?}", status_ids(kid)),
-    );
+    f.check_dispatcher_and_child("uids, gids, groups", status_ids, &want);
     drop(s);
     f.signal(libc::SIGTERM);
     assert!(
@@ -533,13 +525,5 @@ fn a_capability_granted_for_bind_is_dropped_after_binding() {
     let mut s = connect(f.addr());
     ping(&mut s, b"no caps");
     let none = vec!["0000000000000000".to_string(); 4];
-    f.check(
-        capabilities(f.pid()) == none,
-        &format!("dispatcher keeps capabilities: {:?}", capabilities(f.pid())),
-    );
-    let kid = f.children()[0].pid;
-    f.check(
-        capabilities(kid) == none,
-        &format!("child keeps capabilities: {:?}", capabilities(kid)),
-    );
+    f.check_dispatcher_and_child("capabilities", capabilities, &none);
 }

@@ -88,16 +88,8 @@ fn static_build_is_static_and_serves_as_any_forkd() {
     f.check(roundtrip(f.addr(), &data) == data, "echo differs");
     let mut s = connect(f.addr());
     ping(&mut s, b"who am I");
-    let kid = f.live_children()[0];
-    let nobody = "65534 65534 65534 65534";
-    f.check(
-        status_field(f.pid(), "Uid") == nobody,
-        "the dispatcher is not nobody",
-    );
-    f.check(
-        status_field(kid, "Uid") == nobody,
-        "the child is not nobody",
-    );
+    let nobody = "65534 65534 65534 65534".to_string();
+    f.check_dispatcher_and_child("Uid", |pid| status_field(pid, "Uid"), &nobody);
     drop(s);
     f.check(
         wait_until(Duration::from_secs(10), || f.children().is_empty()),

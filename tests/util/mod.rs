@@ -266,6 +266,27 @@ impl Forkd {
     }
 
     /// Pids of the dispatcher's live (not zombie) children.
+    /// Panic with the log unless `read` gives `want` for the dispatcher and
+    /// for its first live child (`what` names the property).
+    pub fn check_dispatcher_and_child<T: PartialEq + std::fmt::Debug>(
+        &self,
+        what: &str,
+        read: impl Fn(i32) -> T,
+        want: &T,
+    ) {
+        let kid = *self
+            .live_children()
+            .first()
+            .unwrap_or_else(|| panic!("no child to check {what} on"));
+        for (who, pid) in [("dispatcher", self.pid()), ("child", kid)] {
+            let got = read(pid);
+            self.check(
+                &got == want,
+                &format!("{what} of the {who}: {got:?}, want {want:?}"),
+            );
+        }
+    }
+
     pub fn live_children(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
             .children()
