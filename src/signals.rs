@@ -12,7 +12,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
 
 use nix::fcntl::OFlag;
@@ -89,19 +89,10 @@ impl Signals {
 
     /// Empty the pipe, then take every pending event (in that order: see the module docs).
     pub fn take(&self) -> Pending {
-        // Clear the flag before emptying the pipe: a signal after this point
-        // writes a fresh byte, so no wake-up is lost.
-        let Some(shared) = shared() else {
-            return Pending::default();
-        };
-        shared.awake.store(false, Ordering::SeqCst);
-        let mut buf = [0u8; 64];
-        while let Ok(n) = nix::unistd::read(&self.read, &mut buf) {
-            if n < buf.len() {
-                break;
-            }
+        match shared() {
+            Some(shared) => shared.take(self.read.as_fd(), |_| {}),
+            None => Pending::default(),
         }
-        Pending(shared.pending.swap(0, Ordering::SeqCst))
     }
 }
 
@@ -129,11 +120,51 @@ pub fn note(bit: u32) {
 /// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
 pub fn wake() {
     let fd = WAKE_FD.load(Ordering::SeqCst);
-    let Some(shared) = shared() else { return };
-    if fd >= 0 && !shared.awake.swap(true, Ordering::SeqCst) {
-        // SAFETY: write(2) is async-signal-safe; the buffer is a valid byte.
-        // The pipe is non-blocking, so a full pipe returns EAGAIN at once.
-        unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+    if let Some(shared) = shared() {
+        shared.wake(fd);
+    }
+}
+
+/// The points inside [`Shared::take`] where another thread or a signal
+/// handler may run; a test runs a wake-up at each in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TakeStep {
+    BeforeDrain,
+    AfterDrain,
+    AfterClear,
+}
+
+impl Shared {
+    /// Write a byte to the pipe unless one is known to be there already.
+    fn wake(&self, fd: RawFd) {
+        if fd >= 0 && !self.awake.swap(true, Ordering::SeqCst) {
+            // SAFETY: write(2) is async-signal-safe; the buffer is a valid byte.
+            // The pipe is non-blocking, so a full pipe returns EAGAIN at once.
+            unsafe { libc::write(fd, [1u8].as_ptr().cast(), 1) };
+        }
+    }
+
+    /// Empty the pipe, then clear `awake`, then take the pending bits.
+    ///
+    /// The order keeps `awake` true only while the pipe holds a byte (or a
+    /// writer is about to write one). Clearing it first would let a wake-up
+    /// between the clear and the read set it again and have its byte read
+    /// here: the flag would stay set over an empty pipe, and every later
+    /// wake-up would skip its write and leave `poll` asleep. A wake-up before
+    /// the clear writes nothing, but its event is already recorded and is
+    /// taken below (bits here; a thread's end by the collect that follows).
+    fn take(&self, read: BorrowedFd<'_>, mut at: impl FnMut(TakeStep)) -> Pending {
+        at(TakeStep::BeforeDrain);
+        let mut buf = [0u8; 64];
+        while let Ok(n) = nix::unistd::read(read, &mut buf) {
+            if n < buf.len() {
+                break;
+            }
+        }
+        at(TakeStep::AfterDrain);
+        self.awake.store(false, Ordering::SeqCst);
+        at(TakeStep::AfterClear);
+        Pending(self.pending.swap(0, Ordering::SeqCst))
     }
 }
 
@@ -206,5 +237,61 @@ mod tests {
         let reset = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1];
         let handled: Vec<i32> = HANDLED.iter().map(|(s, _)| *s as i32).collect();
         assert_eq!(handled, reset);
+    }
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; timeout 0 never blocks.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn a_wake_up_during_take_is_never_lost() {
+        // The dispatcher has been woken (one byte in the pipe, `awake` set) and
+        // takes its events; an event arrives at each point of `take` in turn.
+        for step in [
+            TakeStep::BeforeDrain,
+            TakeStep::AfterDrain,
+            TakeStep::AfterClear,
+        ] {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+            let w = write.as_raw_fd();
+            let shared = Shared::default();
+            let event = |bit: u32| {
+                shared.pending.fetch_or(bit, Ordering::SeqCst);
+                shared.wake(w);
+            };
+            event(Pending::STATUS);
+            assert!(readable(read.as_fd()));
+
+            let got = shared.take(read.as_fd(), |at| {
+                if at == step {
+                    event(Pending::TERMINATE);
+                }
+            });
+            assert!(got.has(Pending::STATUS), "{step:?}: {got:?}");
+            // The event that came mid-take is taken now, or wakes the next poll.
+            assert!(
+                got.has(Pending::TERMINATE) || readable(read.as_fd()),
+                "{step:?}: event lost ({got:?}, pipe empty)"
+            );
+            // And a later event always wakes the next poll.
+            event(Pending::QUIT);
+            assert!(
+                readable(read.as_fd()),
+                "{step:?}: a later event left the pipe empty"
+            );
+            let next = shared.take(read.as_fd(), |_| {});
+            assert!(next.has(Pending::QUIT), "{step:?}: {next:?}");
+            assert!(
+                got.has(Pending::TERMINATE) || next.has(Pending::TERMINATE),
+                "{step:?}"
+            );
+            assert!(!readable(read.as_fd()), "{step:?}: pipe left readable");
+        }
     }
 }

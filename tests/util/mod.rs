@@ -148,7 +148,13 @@ impl Forkd {
     /// Panic with the log if `ok` is false.
     pub fn check(&self, ok: bool, what: &str) {
         if !ok {
-            panic!("{what}\nforkd {:?} log:\n{}", self.args, self.log());
+            // The failure again after the log, which can be long: a reader
+            // of only the output's tail still sees what failed.
+            panic!(
+                "{what}\nforkd {:?} log:\n{}\n(failed: {what})",
+                self.args,
+                self.log()
+            );
         }
     }
 }
