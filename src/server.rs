@@ -84,10 +84,11 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.reap == crate::cli::ReapMode::Handler,
             )
             .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
-            child::exit_on_panic_in_children(nix::unistd::getpid());
+            let dispatcher = nix::unistd::getpid();
+            child::exit_on_panic_in_children(dispatcher);
             let setup = ChildSetup::new(
                 config.die_with_parent,
-                nix::unistd::getpid(),
+                dispatcher,
                 title::TitleArea::capture(),
             );
             let model = ForkModel::new(config.reap, setup, config.buffer)

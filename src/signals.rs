@@ -112,9 +112,8 @@ fn shared() -> Option<&'static Shared> {
 /// Record `bit` and wake the dispatcher. Async-signal-safe.
 pub fn note(bit: u32) {
     if let Some(shared) = shared() {
-        shared.pending.fetch_or(bit, Ordering::SeqCst);
+        shared.note(bit, WAKE_FD.load(Ordering::SeqCst));
     }
-    wake();
 }
 
 /// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
@@ -135,6 +134,12 @@ enum TakeStep {
 }
 
 impl Shared {
+    /// Record `bit`, then wake the dispatcher through `fd`.
+    fn note(&self, bit: u32, fd: RawFd) {
+        self.pending.fetch_or(bit, Ordering::SeqCst);
+        self.wake(fd);
+    }
+
     /// Write a byte to the pipe unless one is known to be there already.
     fn wake(&self, fd: RawFd) {
         if fd >= 0 && !self.awake.swap(true, Ordering::SeqCst) {
@@ -261,10 +266,7 @@ mod tests {
             let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
             let w = write.as_raw_fd();
             let shared = Shared::default();
-            let event = |bit: u32| {
-                shared.pending.fetch_or(bit, Ordering::SeqCst);
-                shared.wake(w);
-            };
+            let event = |bit: u32| shared.note(bit, w);
             event(Pending::STATUS);
             assert!(readable(read.as_fd()));
 

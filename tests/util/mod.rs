@@ -271,7 +271,6 @@ impl Forkd {
         wait_until(limit, || self.count_log(needle) >= n)
     }
 
-    /// Pids of the dispatcher's live (not zombie) children.
     /// Panic with the log unless `read` gives `want` for the dispatcher and
     /// for its first live child (`what` names the property).
     pub fn check_dispatcher_and_child<T: PartialEq + std::fmt::Debug>(
@@ -293,6 +292,7 @@ impl Forkd {
         }
     }
 
+    /// Pids of the dispatcher's live (not zombie) children.
     pub fn live_children(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
             .children()
