@@ -1,14 +1,19 @@
 //! Fork mode, the child's side: everything that runs in a connection's
 //! process between `fork` and `_exit`.
 //!
-//! In order: signal handling goes back to the defaults (the mask is already
-//! empty); with `--die-with-parent` the kernel is asked to end the child with
+//! In order: signal handling goes back to the defaults (see
+//! [`signals::reset_in_child`]); with `--die-with-parent` the kernel is asked to end the child with
 //! its dispatcher; every inherited descriptor but the connection and stdio is
 //! closed (listeners, wake-up pipe, syslog socket); the process is retitled;
-//! the echo handler runs; the byte count goes to the scoreboard; and the
-//! child leaves with `_exit`, so it never returns into dispatcher code nor
-//! runs its destructors or atexit handlers. The exit status says how the
-//! connection ended ([`End::exit_code`]).
+//! the echo handler runs, keeping its byte count in the connection's
+//! counter ([`crate::counters`]); and the child leaves with `_exit`, so it
+//! never returns into dispatcher code nor runs its destructors or atexit
+//! handlers. The exit status says how the connection ended
+//! ([`crate::exit_code`]).
+//!
+//! The child shares nothing writable with the dispatcher but the byte
+//! counters: the dispatcher's tables are not even mapped here (see
+//! [`crate::memory`]).
 //!
 //! Every page a child touches costs it a page fault, and the pages it maps
 //! are torn down again at its exit: on a loopback echo that is most of what
@@ -25,18 +30,15 @@
 use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use log::debug;
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::echo::{self, End};
-use crate::signals;
 use crate::title::{self, TitleArea};
-
-/// A child's exit status when it panicked (the message is on stderr).
-pub const PANIC_EXIT: i32 = 4;
+use crate::{exit_code, signals};
 
 /// Make a panic in a child end that child, at once: it must never unwind
 /// out of [`serve`] into the dispatcher's code, which the child shares. The
@@ -47,7 +49,7 @@ pub fn exit_on_panic_in_children(dispatcher: Pid) {
     std::panic::set_hook(Box::new(move |info| {
         print(info);
         if nix::unistd::getpid() != dispatcher {
-            exit(PANIC_EXIT);
+            exit(exit_code::PANIC);
         }
     }));
 }
@@ -80,7 +82,7 @@ impl ChildSetup {
 ///
 /// `name` is the title the dispatcher prepared for this child; `buf` is the
 /// dispatcher's untouched echo buffer (see `ForkModel`);
-/// `bytes` is this child's scoreboard slot.
+/// `bytes` is this connection's byte counter.
 #[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn serve(
     conn: OwnedFd,
@@ -95,7 +97,7 @@ pub fn serve(
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         // The dispatcher may have died before the request took effect.
         if getppid() != setup.dispatcher {
-            exit(End::Reset.exit_code());
+            exit(exit_code::for_end(End::Reset));
         }
     }
     close_inherited(conn.as_raw_fd());
@@ -105,14 +107,13 @@ pub fn serve(
     }
 
     let mut sock = TcpStream::from(conn);
-    let outcome = echo::serve(&mut sock, buf);
-    bytes.store(outcome.bytes, Ordering::Relaxed);
+    let outcome = echo::serve(&mut sock, buf, bytes);
     debug!(
         "conn {peer}: {}, {} bytes",
         outcome.end.describe(),
         outcome.bytes
     );
-    exit(outcome.end.exit_code())
+    exit(exit_code::for_end(outcome.end))
 }
 
 /// Leave the process at once: no destructors, no atexit handlers, no stdio flush.
@@ -120,6 +121,14 @@ pub fn serve(
 fn exit(code: i32) -> ! {
     // SAFETY: _exit(2) ends the process; nothing of the dispatcher's runs.
     unsafe { libc::_exit(code) }
+}
+
+/// The highest descriptor number this process can have open.
+#[unsafe(link_section = ".text.hot.forkd_child")]
+fn max_fd() -> i32 {
+    // SAFETY: sysconf only reads a limit.
+    let open_max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
+    i32::try_from(open_max).map_or(i32::MAX, |n| n.max(1024)) - 1
 }
 
 /// Close every descriptor above stderr except `keep`.
@@ -135,8 +144,9 @@ fn close_inherited(keep: i32) {
         // dispatcher's syslog connection in a child, and `keep` is kept).
         let r = unsafe { libc::syscall(libc::SYS_close_range, lo as u32, hi as u32, 0u32) };
         if r != 0 {
-            // Kernels before 5.9: close what the dispatcher can have open.
-            for fd in lo..hi.min(1024) {
+            // Kernels before 5.9: close what the dispatcher can have open
+            // (both ends of each range included, as close_range's are).
+            for fd in lo..=hi.min(max_fd()) {
                 // SAFETY: as above.
                 unsafe { libc::close(fd) };
             }

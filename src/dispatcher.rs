@@ -1,115 +1,35 @@
 //! The dispatcher: one `poll` loop over the listeners and the wake-up pipe,
-//! shared by every concurrency model.
+//! the same for every concurrency model ([`Model`]).
 //!
-//! A [`Model`] answers one question, "who runs the echo handler for this
-//! connection?" (a child process, a thread, ...). Everything else is here,
-//! the same for every model: accepting, the connection cap and the
-//! per-address limit, backing off when the system runs short, logging each
-//! end, status, and the graceful stop.
+//! The loop: wait in `poll`; take the signals; collect the connections that
+//! ended; accept, and hand each connection to the model. Every end goes
+//! through one place, [`Books::end_connection`]: the table frees the slot,
+//! the per-address count drops, and the end is logged. The loop never
+//! blocks anywhere but in `poll`, which a signal always interrupts. At the
+//! connection cap the listeners simply leave the poll set: new connections
+//! wait in the kernel's backlog, and the loop sleeps until a connection
+//! ends, never spinning and never waiting in `waitpid`.
 //!
-//! The loop never blocks anywhere but in `poll`, which a signal always
-//! interrupts. At the connection cap the listeners simply leave the poll
-//! set: new connections wait in the kernel's backlog, and the loop sleeps
-//! until a connection ends (SIGCHLD or a thread's wake-up), never spinning
-//! and never waiting in `waitpid`.
+//! Nothing here trusts memory a connection's process can write: the table
+//! of connections, their ids and the poll set are the dispatcher's own
+//! (see [`crate::table`]); the byte counters are read for the end line only.
 
-use std::fmt;
-use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use nix::poll::PollTimeout;
-use nix::sys::signal::Signal;
 
-use crate::echo::End;
+use crate::counters::Counters;
 use crate::error::{EXIT_SOFTWARE, Error};
+use crate::events::{self, Throttle};
 use crate::limits::PerIp;
 use crate::listen::Listener;
-use crate::scoreboard::{Scoreboard, shared_zeroed};
+use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::signals::{Pending, Signals};
-use crate::systemd;
-
-/// A concurrency model: how an accepted connection gets served.
-pub trait Model {
-    /// For logs and status: "fork", "thread", ...
-    fn name(&self) -> String;
-    /// What an id is in log lines ("pid" for processes, "conn" for threads).
-    fn id_label(&self) -> &'static str;
-    /// Serve `conn` (from `peer`, scoreboard slot `slot`) with the echo
-    /// handler, which stores its byte count in `bytes` at the end; returns
-    /// the connection's id (a pid, say). On error the connection is closed.
-    fn start(
-        &mut self,
-        conn: OwnedFd,
-        peer: SocketAddr,
-        slot: u32,
-        bytes: &'static AtomicU64,
-    ) -> io::Result<u64>;
-    /// Report, by slot, each connection that ended since the last call.
-    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How));
-    /// Ask (Terminate) or force (Kill) the given (slot, id) connections to end.
-    fn stop(&mut self, how: Stop, targets: &mut dyn Iterator<Item = (u32, u64)>);
-    /// Has this connection's process ended without being reaped?
-    fn is_zombie(&self, _id: u64) -> bool {
-        false
-    }
-    /// Last call before forkd exits: report anything still unreported.
-    fn finish(&mut self, ended: &mut dyn FnMut(u32, How)) {
-        self.collect(Collect::NeedRoom, ended);
-    }
-}
-
-/// Why the dispatcher asks a model to collect ended connections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Collect {
-    /// The wake-up pipe fired (a signal, or a thread ending).
-    Woken,
-    /// A client is waiting and about to be accepted.
-    BeforeAccept,
-    /// At the connection cap, or stopping: ended connections are needed now.
-    NeedRoom,
-}
-
-/// How hard [`Model::stop`] asks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    Terminate,
-    Kill,
-}
-
-/// How a connection's process or thread ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum How {
-    /// A child exited with this status (see [`End::exit_code`]).
-    Exited(i32),
-    /// A child was killed by this signal.
-    Signaled(Signal),
-    /// A thread's echo handler returned.
-    Returned(End),
-}
-
-impl How {
-    fn is_normal(self) -> bool {
-        matches!(
-            self,
-            How::Exited(0 | 2 | 3) | How::Returned(End::Closed | End::Reset | End::IdleTimeout)
-        )
-    }
-}
-
-impl fmt::Display for How {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            How::Exited(code) => write!(f, "exit {code} ({})", End::describe_exit_code(*code)),
-            How::Signaled(sig) => write!(f, "killed by {}", sig.as_str()),
-            How::Returned(end) => f.write_str(end.describe()),
-        }
-    }
-}
+use crate::table::Table;
+use crate::{logging, signals, systemd};
 
 /// Settings the dispatcher takes from the command line.
 pub struct Settings {
@@ -123,7 +43,8 @@ pub struct Settings {
 pub struct Summary {
     pub served: u64,
     pub ended: u64,
-    pub killed: u64,
+    /// Ended by a signal (fork) or a shutdown (thread), not by the client.
+    pub forced: u64,
     pub refused_per_ip: u64,
 }
 
@@ -131,123 +52,132 @@ pub struct Summary {
 enum Phase {
     /// Waiting for connections to finish by themselves.
     Grace,
-    /// SIGTERM (or shutdown) sent; waiting a second.
+    /// Asked to end (SIGTERM, or a shutdown); waiting a second.
     Terminated,
-    /// SIGKILL sent; waiting for the last ends to be collected.
+    /// Forced (SIGKILL); waiting for the last ends to be collected.
     Killed,
-}
-
-/// At most one line a second about one kind of trouble, with a count of the rest.
-#[derive(Default)]
-struct Throttle {
-    next: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttle {
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self.next.is_some_and(|n| now < n) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.next = Some(now + Duration::from_secs(1));
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
-fn more(suppressed: u64) -> String {
-    if suppressed == 0 {
-        String::new()
-    } else {
-        format!(" ({suppressed} more since the last report)")
-    }
 }
 
 /// After fork/thread failures and descriptor exhaustion, stop accepting this long.
 const BACKOFF: Duration = Duration::from_millis(100);
 /// Accepts per listener per wake-up, so signals and ends are never starved.
 const ACCEPT_BATCH: usize = 64;
-/// After SIGTERM to the children, wait this long before SIGKILL.
+/// After asking connections to end, wait this long before forcing them.
 const TERM_TO_KILL: Duration = Duration::from_secs(1);
-/// After SIGKILL, give up waiting for ends after this long.
+/// After forcing, give up waiting for ends after this long.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Least time between two STATUS= updates to the service manager.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
+/// The dispatcher's record of its connections: everything an end touches.
+struct Books {
+    terms: &'static Terms,
+    table: Table,
+    counters: Counters,
+    per_ip: PerIp,
+    summary: Summary,
+    /// Something changed since the last STATUS= update.
+    status_dirty: bool,
+}
+
+impl Books {
+    /// The one place a connection ends: free its slot and its per-address
+    /// count, count it, log it. An id forkd does not know ends nothing.
+    fn end_connection(&mut self, id: u64, how: How) {
+        let Some((slot, conn)) = self.table.end(id) else {
+            return;
+        };
+        self.per_ip.release(conn.peer.ip());
+        self.summary.ended += 1;
+        if how.is_forced() {
+            self.summary.forced += 1;
+        }
+        self.status_dirty = true;
+        let bytes = self.counters.read(slot);
+        events::end(self.terms, id, conn.peer, how, bytes, conn.start.elapsed());
+    }
+}
+
 pub struct Dispatcher<M: Model> {
     model: M,
+    books: Books,
     listeners: Vec<Listener>,
     signals: Signals,
     settings: Settings,
-    board: Scoreboard,
-    per_ip: PerIp,
-    summary: Summary,
     at_cap: bool,
     paused_until: Option<Instant>,
     stopping: Option<(Phase, Instant)>,
     status_sent: Option<Instant>,
-    status_dirty: bool,
-    /// The poll set: room for the wake-up pipe and every listener.
+    /// The poll set: room for the wake-up pipe and every listener, in memory
+    /// no child inherits (a write to it costs no copy-on-write fault).
     pollfds: &'static mut [libc::pollfd],
     /// How many entries of `pollfds` the last poll used.
     polled: usize,
     per_ip_log: Throttle,
     start_fail_log: Throttle,
     accept_fail_log: Throttle,
+    ignored_log: Throttle,
 }
 
 impl<M: Model> Dispatcher<M> {
-    /// `board` must have room for `settings.max_conns` connections.
     pub fn new(
         model: M,
-        board: Scoreboard,
         listeners: Vec<Listener>,
         signals: Signals,
         settings: Settings,
     ) -> Result<Self, Error> {
+        let table = Table::new(settings.max_conns)
+            .map_err(|e| Error::os("cannot map the connection table", e))?;
+        let counters = Counters::new(settings.max_conns)
+            .map_err(|e| Error::os("cannot map the byte counters", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
-        let pollfds = unsafe { shared_zeroed::<libc::pollfd>(1 + listeners.len()) }
+        let pollfds = unsafe { crate::memory::private::<libc::pollfd>(1 + listeners.len()) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
         Ok(Dispatcher {
-            board,
+            books: Books {
+                terms: model.terms(),
+                table,
+                counters,
+                per_ip: PerIp::new(settings.max_per_ip),
+                summary: Summary::default(),
+                status_dirty: true,
+            },
             model,
             listeners,
             signals,
-            per_ip: PerIp::new(settings.max_per_ip),
             settings,
-            summary: Summary::default(),
             at_cap: false,
             paused_until: None,
             stopping: None,
             status_sent: None,
-            status_dirty: true,
             pollfds,
             polled: 0,
             per_ip_log: Throttle::default(),
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
+            ignored_log: Throttle::default(),
         })
+    }
+
+    /// The listeners, as bound or inherited.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
     }
 
     /// Serve until a stop signal, then drain; returns what was done.
     pub fn run(mut self) -> Result<Summary, Error> {
-        let label = self.model.id_label();
         loop {
             let now = Instant::now();
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
             }
-            let accepting = self.stopping.is_none()
-                && self.paused_until.is_none()
-                && self.board.active() < self.settings.max_conns;
+            let accepting = self.stopping.is_none() && self.paused_until.is_none() && !self.full();
             let timeout = self.timeout(now);
-            let woken = self.wait(accepting, timeout)?;
-
-            if woken {
+            if self.wait(accepting, timeout)? {
                 let pending = self.signals.take();
                 self.on_signals(pending);
             }
-            let why = if self.stopping.is_some() || self.board.active() >= self.settings.max_conns {
+            let why = if self.stopping.is_some() || self.full() {
                 Collect::NeedRoom
             } else {
                 Collect::Woken
@@ -265,33 +195,33 @@ impl<M: Model> Dispatcher<M> {
                     self.accept_from(i);
                 }
             }
+            if self.full() {
+                // The cap may have been reached by the last accept: the
+                // model must know now that each end has to wake us.
+                self.collect(Collect::NeedRoom);
+            }
             self.update_cap_episode();
             self.send_status(Instant::now());
         }
-        let Dispatcher {
-            model,
-            board,
-            per_ip,
-            summary,
-            ..
-        } = &mut self;
-        model.finish(&mut |slot, how| log_end(board, per_ip, summary, label, slot, how));
-        Ok(self.summary)
+        let Dispatcher { model, books, .. } = &mut self;
+        model.finish(&mut |id, how| books.end_connection(id, how));
+        Ok(self.books.summary)
+    }
+
+    fn full(&self) -> bool {
+        self.books.table.active() >= self.settings.max_conns
     }
 
     /// Poll the wake-up pipe and (when accepting) the listeners; returns
     /// whether the pipe was readable. Which listeners are readable is left
     /// in `self.pollfds` (see [`Self::listener_ready`]).
-    ///
-    /// The poll set lives in shared memory, like the scoreboard, so writing
-    /// it leaves no copy-on-write page in the children forked before.
     fn wait(&mut self, accepting: bool, timeout: PollTimeout) -> Result<bool, Error> {
         let entry = |fd: i32| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        self.pollfds[0] = entry(self.signals.as_fd().as_raw_fd());
+        self.pollfds[0] = entry(self.signals.fd());
         self.polled = 1;
         if accepting {
             for (i, l) in self.listeners.iter().enumerate() {
@@ -336,7 +266,7 @@ impl<M: Model> Dispatcher<M> {
             // Zombies (in --reap off) are counted by looking, not told by a signal.
             consider(now + Duration::from_millis(100));
         }
-        if self.status_dirty && systemd::notify_socket_set() {
+        if self.books.status_dirty && systemd::notify_socket_set() {
             consider(self.status_sent.map_or(now, |t| t + STATUS_EVERY));
         }
         match next {
@@ -349,30 +279,39 @@ impl<M: Model> Dispatcher<M> {
     }
 
     fn on_signals(&mut self, pending: Pending) {
-        if pending.has(Pending::STATUS) {
-            info!("{}", self.status_line());
+        if pending.has(Pending::STATUS) || pending.has(Pending::RELOAD) {
+            events::status(&self.status_line());
         }
+        if pending.has(Pending::RELOAD) {
+            logging::reopen();
+        }
+        if pending.ignored != 0
+            && let Some(n) = self.ignored_log.allow(Instant::now())
+        {
+            events::ignored(&pending.ignored_names(), n);
+        }
+        let active = self.books.table.active();
         if pending.has(Pending::QUIT) {
-            info!(
-                "SIGQUIT: killing {} connections and exiting",
-                self.board.active()
-            );
+            events::quit(self.books.terms, active);
             self.begin_stop();
             self.stop_all(Stop::Kill);
             self.stopping = Some((Phase::Killed, Instant::now() + KILL_WAIT));
-        } else if pending.has(Pending::TERMINATE) {
+            return;
+        }
+        let mut stops = pending.terminate;
+        if pending.has(Pending::CPU_LIMIT) && self.stopping.is_none() {
+            events::cpu_limit();
+            stops = stops.max(1);
+        }
+        for _ in 0..stops {
             match self.stopping {
                 None => {
-                    info!(
-                        "stopping: no new connections; {} active may finish within {}",
-                        self.board.active(),
-                        humantime::format_duration(self.settings.grace)
-                    );
+                    events::stopping(active, self.settings.grace);
                     self.begin_stop();
                     self.stopping = Some((Phase::Grace, Instant::now() + self.settings.grace));
                 }
                 Some((Phase::Grace, _)) => {
-                    info!("second stop signal: ending connections now");
+                    events::second_stop();
                     self.stopping = Some((Phase::Grace, Instant::now()));
                 }
                 Some(_) => {}
@@ -383,12 +322,12 @@ impl<M: Model> Dispatcher<M> {
     /// Close the listeners (so clients are refused, not queued) and tell systemd.
     fn begin_stop(&mut self) {
         self.listeners.clear();
-        systemd::stopping(&format!("stopping: {} active", self.board.active()));
+        systemd::stopping(&format!("stopping: {} active", self.books.table.active()));
     }
 
     /// One step of the stop: true when every connection has ended.
     fn drain_step(&mut self, now: Instant) -> bool {
-        let live = self.board.active() - self.zombies();
+        let live = self.books.table.active() - self.finished();
         if live == 0 {
             return true;
         }
@@ -400,64 +339,61 @@ impl<M: Model> Dispatcher<M> {
         }
         match phase {
             Phase::Grace => {
-                info!("grace period over: sending SIGTERM to {live} connections");
+                events::grace_over(self.books.terms, live);
                 self.stop_all(Stop::Terminate);
                 self.stopping = Some((Phase::Terminated, now + TERM_TO_KILL));
             }
             Phase::Terminated => {
-                warn!("{live} connections still open: sending SIGKILL");
+                events::still_open(self.books.terms, live);
                 self.stop_all(Stop::Kill);
                 self.stopping = Some((Phase::Killed, now + KILL_WAIT));
             }
             Phase::Killed => {
-                error!("{live} connections did not end after SIGKILL; exiting anyway");
+                events::gave_up(live);
                 return true;
             }
         }
         false
     }
 
+    /// Ask or force every connection still running to end. SIGCHLD stays
+    /// blocked from the last collect to the last signal sent, so no id in
+    /// the table can be a child reaped (and its pid reused) meanwhile.
     fn stop_all(&mut self, how: Stop) {
-        let model = &self.model;
-        let mut targets = self
-            .board
-            .assigned()
-            .filter(|&(_, id)| !model.is_zombie(id))
-            .collect::<Vec<_>>()
-            .into_iter();
-        self.model.stop(how, &mut targets);
+        signals::without_sigchld(|| {
+            self.collect(Collect::NeedRoom);
+            let model = &self.model;
+            let conns: Vec<(u32, u64)> = self
+                .books
+                .table
+                .assigned()
+                .filter(|&(_, id)| !model.finished(id))
+                .collect();
+            self.model.stop(how, &mut conns.into_iter());
+        });
     }
 
-    fn zombies(&self) -> usize {
-        self.board
+    /// Connections whose server finished but whose end is not collected.
+    fn finished(&self) -> usize {
+        self.books
+            .table
             .assigned()
-            .filter(|&(_, id)| self.model.is_zombie(id))
+            .filter(|&(_, id)| self.model.finished(id))
             .count()
     }
 
-    /// Collect ended connections from the model; log each and free its slot.
+    /// Collect ended connections from the model and end each.
     fn collect(&mut self, why: Collect) {
-        let label = self.model.id_label();
-        let Dispatcher {
-            model,
-            board,
-            per_ip,
-            summary,
-            status_dirty,
-            ..
-        } = self;
-        model.collect(why, &mut |slot, how| {
-            log_end(board, per_ip, summary, label, slot, how);
-            *status_dirty = true;
-        });
+        let Dispatcher { model, books, .. } = self;
+        model.collect(why, &mut |id, how| books.end_connection(id, how));
     }
 
     /// Accept up to a batch of connections from listener `i`.
     fn accept_from(&mut self, i: usize) {
         for _ in 0..ACCEPT_BATCH {
-            if self.board.active() >= self.settings.max_conns {
+            if self.full() {
                 self.collect(Collect::NeedRoom);
-                if self.board.active() >= self.settings.max_conns {
+                if self.full() {
                     return;
                 }
             }
@@ -471,19 +407,13 @@ impl<M: Model> Dispatcher<M> {
                     // The listener stays readable: pause it instead of spinning.
                     let now = Instant::now();
                     if let Some(n) = self.accept_fail_log.allow(now) {
-                        warn!(
-                            "accept on {}: {} - pausing {}ms{}",
-                            self.listeners[i].name,
-                            e.desc(),
-                            BACKOFF.as_millis(),
-                            more(n)
-                        );
+                        events::accept_short(&self.listeners[i].name, e.desc(), BACKOFF, n);
                     }
                     self.paused_until = Some(now + BACKOFF);
                     return;
                 }
                 Err(e) => {
-                    error!("accept on {}: {}", self.listeners[i].name, e.desc());
+                    events::accept_failed(&self.listeners[i].name, e.desc());
                     self.paused_until = Some(Instant::now() + BACKOFF);
                     return;
                 }
@@ -497,43 +427,34 @@ impl<M: Model> Dispatcher<M> {
 
     /// Hand an accepted connection to the model, or refuse it.
     fn admit(&mut self, conn: OwnedFd, peer: SocketAddr) {
-        if !self.per_ip.admit(peer.ip()) {
+        let books = &mut self.books;
+        if !books.per_ip.admit(peer.ip()) {
             drop(conn);
-            self.summary.refused_per_ip += 1;
+            books.summary.refused_per_ip += 1;
             if let Some(n) = self.per_ip_log.allow(Instant::now()) {
-                warn!(
-                    "refused {peer}: {} has {} connections already (--max-per-ip){}",
-                    peer.ip(),
-                    self.settings.max_per_ip,
-                    more(n)
-                );
+                events::refused_per_ip(peer, self.settings.max_per_ip, n);
             }
             return;
         }
-        let Some(slot) = self.board.claim(peer) else {
-            // Unreachable: accepting stops at the cap, and the board holds the cap.
-            self.per_ip.release(peer.ip());
+        let Some(slot) = books.table.claim(peer) else {
+            // Unreachable: accepting stops at the cap, and the table holds the cap.
+            books.per_ip.release(peer.ip());
             return;
         };
-        let bytes = self.board.bytes_cell(slot);
+        let bytes = books.counters.start(slot);
         match self.model.start(conn, peer, slot, bytes) {
             Ok(id) => {
-                debug!("start {} {id} for {peer}", self.model.id_label());
-                self.board.assign(slot, id);
-                self.summary.served += 1;
-                self.status_dirty = true;
+                events::started(books.terms, id, peer);
+                books.table.assign(slot, id);
+                books.summary.served += 1;
+                books.status_dirty = true;
             }
             Err(e) => {
-                self.board.release(slot);
-                self.per_ip.release(peer.ip());
+                books.table.release(slot);
+                books.per_ip.release(peer.ip());
                 let now = Instant::now();
                 if let Some(n) = self.start_fail_log.allow(now) {
-                    warn!(
-                        "cannot serve {peer}: {} - connection closed, pausing {}ms{}",
-                        crate::error::describe(&e),
-                        BACKOFF.as_millis(),
-                        more(n)
-                    );
+                    events::cannot_serve(peer, &crate::error::describe(&e), BACKOFF, n);
                 }
                 self.paused_until = Some(now + BACKOFF);
             }
@@ -542,22 +463,19 @@ impl<M: Model> Dispatcher<M> {
 
     /// Log the moment the cap is reached, once per episode, and when it is left.
     fn update_cap_episode(&mut self) {
-        let full = self.board.active() >= self.settings.max_conns;
+        let full = self.full();
         if full && !self.at_cap {
-            warn!(
-                "at the cap of {} connections: accepting paused (new clients wait in the backlog)",
-                self.settings.max_conns
-            );
-            self.status_dirty = true;
+            events::at_cap(self.settings.max_conns);
+            self.books.status_dirty = true;
         } else if !full && self.at_cap {
-            info!("below the cap again: accepting");
-            self.status_dirty = true;
+            events::below_cap();
+            self.books.status_dirty = true;
         }
         self.at_cap = full;
     }
 
     fn send_status(&mut self, now: Instant) {
-        if !self.status_dirty || !systemd::notify_socket_set() {
+        if !self.books.status_dirty || !systemd::notify_socket_set() {
             return;
         }
         if self.status_sent.is_some_and(|t| now < t + STATUS_EVERY) {
@@ -566,55 +484,28 @@ impl<M: Model> Dispatcher<M> {
         let cap = if self.at_cap { " (at cap)" } else { "" };
         systemd::status(&format!(
             "active {}/{}{cap}, served {}",
-            self.board.active(),
+            self.books.table.active(),
             self.settings.max_conns,
-            self.summary.served
+            self.books.summary.served
         ));
         self.status_sent = Some(now);
-        self.status_dirty = false;
+        self.books.status_dirty = false;
     }
 
     fn status_line(&self) -> String {
+        let terms = self.books.terms;
+        let finished = match terms.finished {
+            Some(word) => format!(", {word} {}", self.finished()),
+            None => String::new(),
+        };
         format!(
-            "status: mode {}, active {}/{}, served {}, reaped {}, zombies {}",
+            "status: mode {}, active {}/{}, served {}, {} {}{finished}",
             self.model.name(),
-            self.board.active(),
+            self.books.table.active(),
             self.settings.max_conns,
-            self.summary.served,
-            self.summary.ended,
-            self.zombies()
+            self.books.summary.served,
+            terms.collected,
+            self.books.summary.ended,
         )
-    }
-}
-
-/// Log one ended connection and free its slot and per-address count.
-fn log_end(
-    board: &mut Scoreboard,
-    per_ip: &mut PerIp,
-    summary: &mut Summary,
-    label: &str,
-    slot: u32,
-    how: How,
-) {
-    let rec = board.release(slot);
-    per_ip.release(rec.peer.ip());
-    summary.ended += 1;
-    if matches!(how, How::Signaled(_)) {
-        summary.killed += 1;
-    }
-    let level = if how.is_normal() {
-        log::Level::Info
-    } else {
-        log::Level::Warn
-    };
-    if log::log_enabled!(level) {
-        let secs = rec.start.elapsed().as_secs_f64();
-        log::log!(
-            level,
-            "end {label} {} {}: {how}, {} bytes echoed in {secs:.3}s",
-            rec.id,
-            rec.peer,
-            rec.bytes
-        );
     }
 }

@@ -18,13 +18,12 @@ use std::io::{self, ErrorKind, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// In the order of their exit codes, so that `exit_code` compiles to the
-// variant's tag rather than to a table in read-only data (a page more for a
-// child to fault in).
+// In the order of their exit codes (see `crate::exit_code::for_end`).
 pub enum End {
     /// The client closed its side and got every byte back.
     Closed,
@@ -38,30 +37,18 @@ pub enum End {
 }
 
 impl End {
-    /// The child's exit status for this end (fork mode), read back by the dispatcher.
-    pub fn exit_code(self) -> i32 {
-        match self {
-            End::Closed => 0,
-            End::Error(_) => 1,
-            End::Reset => 2,
-            End::IdleTimeout => 3,
-        }
-    }
-
-    /// What a child's exit status says about how its connection ended.
-    pub fn describe_exit_code(code: i32) -> &'static str {
-        match code {
-            0 => "closed by client",
-            1 => "socket error",
-            2 => "reset by client",
-            3 => "idle timeout",
-            crate::child::PANIC_EXIT => "panicked",
-            _ => "unexpected exit",
-        }
-    }
-
     pub fn describe(self) -> &'static str {
-        Self::describe_exit_code(self.exit_code())
+        match self {
+            End::Closed => "closed by client",
+            End::Error(_) => "socket error",
+            End::Reset => "reset by client",
+            End::IdleTimeout => "idle timeout",
+        }
+    }
+
+    /// An ordinary end (a client's close or reset, a timeout), not trouble.
+    pub fn is_normal(self) -> bool {
+        !matches!(self, End::Error(_))
     }
 }
 
@@ -79,12 +66,13 @@ pub fn set_idle_timeout(sock: &TcpStream, idle: Option<Duration>) -> io::Result<
     sock.set_write_timeout(idle)
 }
 
-/// Echo everything on `sock` back to it until the client closes, using `buf`.
+/// Echo everything on `sock` back to it until the client closes, using
+/// `buf`, and keep `echoed` at the bytes sent back so far.
 ///
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
 #[unsafe(link_section = ".text.hot.forkd_child")]
-pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>]) -> Outcome {
+pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], echoed: &AtomicU64) -> Outcome {
     let mut bytes = 0u64;
     loop {
         let data = match receive(sock, buf) {
@@ -110,6 +98,7 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>]) -> Outcome {
                 Ok(k) => {
                     sent += k;
                     bytes += k as u64;
+                    echoed.store(bytes, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -168,7 +157,10 @@ mod tests {
     #[test]
     fn echoes_and_honours_half_close() {
         let (mut client, mut server) = pair();
-        let t = std::thread::spawn(move || serve(&mut server, &mut [MaybeUninit::uninit(); 7]));
+        let echoed = std::sync::Arc::new(AtomicU64::new(0));
+        let count = echoed.clone();
+        let t =
+            std::thread::spawn(move || serve(&mut server, &mut [MaybeUninit::uninit(); 7], &count));
         let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
         client.write_all(&data).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -182,13 +174,18 @@ mod tests {
                 end: End::Closed
             }
         );
+        assert_eq!(echoed.load(Ordering::Relaxed), 100_000);
     }
 
     #[test]
     fn silent_client_times_out() {
         let (_client, mut server) = pair();
         set_idle_timeout(&server, Some(Duration::from_millis(100))).unwrap();
-        let out = serve(&mut server, &mut [MaybeUninit::uninit(); 64]);
+        let out = serve(
+            &mut server,
+            &mut [MaybeUninit::uninit(); 64],
+            &AtomicU64::new(0),
+        );
         assert_eq!(out.end, End::IdleTimeout);
     }
 }

@@ -1,9 +1,10 @@
 //! Fork mode, the dispatcher's side: one child process per connection.
 //!
-//! The dispatcher forks for each accepted connection, closes its own copy of
-//! the socket at once, and records the child under its pid together with a
-//! scoreboard slot for the child's byte count. The child's side of the fork
-//! is in [`crate::child`]; it never returns here.
+//! accept → fork → (child: [`crate::child::serve`], `_exit`) | (parent:
+//! close the socket, record the pid). The dispatcher forks for each
+//! accepted connection, closes its own copy of the socket at once, and
+//! returns the child's pid, which the dispatcher records in its own table.
+//! Ends come from the reaper's ring as (pid, status).
 //!
 //! Forking is sound only because the fork-mode dispatcher is single-threaded
 //! (no signal thread, no logger thread): the child may then use the
@@ -24,18 +25,24 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::child::{self, ChildSetup};
 use crate::cli::ReapMode;
-use crate::dispatcher::{Collect, How, Model, Stop};
+use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::reaper;
-use crate::scoreboard::PidIndex;
 
 /// Room for a child's title: `forkd: conn ` and the longest IPv6 peer.
 const TITLE_MAX: usize = 64;
 
+static TERMS: Terms = Terms {
+    id: "pid",
+    terminate: "sending SIGTERM to",
+    kill: "killing",
+    forced: "by signal",
+    collected: "reaped",
+    finished: Some("zombies"),
+};
+
 pub struct ForkModel {
     reap: ReapMode,
     setup: ChildSetup,
-    /// Child pid -> scoreboard slot.
-    pids: PidIndex,
     /// The echo buffer every child inherits, allocated once and never
     /// touched by the dispatcher: its pages are not even present until a
     /// child reads into them, so a 64-byte echo costs a child one page, not
@@ -44,14 +51,13 @@ pub struct ForkModel {
 }
 
 impl ForkModel {
-    /// Call [`reaper::install`] with room for every child first.
-    pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> io::Result<ForkModel> {
-        Ok(ForkModel {
+    /// Call [`reaper::init`] with room for every child first.
+    pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> ForkModel {
+        ForkModel {
             reap,
             setup,
-            pids: PidIndex::new()?,
             buffer: Box::new_uninit_slice(buffer),
-        })
+        }
     }
 }
 
@@ -65,8 +71,8 @@ impl Model for ForkModel {
         format!("fork (reap {reap})")
     }
 
-    fn id_label(&self) -> &'static str {
-        "pid"
+    fn terms(&self) -> &'static Terms {
+        &TERMS
     }
 
     // Never inlined, and in the child's code section: the child resumes
@@ -77,7 +83,7 @@ impl Model for ForkModel {
         &mut self,
         conn: OwnedFd,
         peer: SocketAddr,
-        slot: u32,
+        _slot: u32,
         bytes: &'static AtomicU64,
     ) -> io::Result<u64> {
         // The child's title, formatted by the dispatcher before the fork:
@@ -107,14 +113,13 @@ impl Model for ForkModel {
             Ok(ForkResult::Parent { child }) => {
                 // ---- parent: the child owns the connection now.
                 drop(conn);
-                self.pids.insert(child.as_raw(), slot);
                 Ok(child.as_raw() as u64)
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How)) {
+    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u64, How)) {
         let reap_now = match self.reap {
             // The SIGCHLD handler has already reaped.
             ReapMode::Handler => false,
@@ -122,41 +127,44 @@ impl Model for ForkModel {
             ReapMode::Off => false,
         };
         if reap_now {
-            reaper::reap_into_ring();
+            reaper::reap_now();
         }
-        let pids = &self.pids;
         reaper::drain(&mut |pid, status| {
-            let Some(slot) = pids.take(pid.as_raw()) else {
-                return;
-            };
             let how = match status {
                 WaitStatus::Signaled(_, sig, _) => How::Signaled(sig),
                 WaitStatus::Exited(_, code) => How::Exited(code),
                 _ => How::Exited(-1),
             };
-            ended(slot, how);
+            ended(pid.as_raw() as u64, how);
         });
     }
 
-    fn stop(&mut self, how: Stop, targets: &mut dyn Iterator<Item = (u32, u64)>) {
+    fn stop(&mut self, how: Stop, conns: &mut dyn Iterator<Item = (u32, u64)>) {
         let signal = match how {
             Stop::Terminate => Signal::SIGTERM,
             Stop::Kill => Signal::SIGKILL,
         };
-        for (_, id) in targets {
-            // Only pids of our own unreaped children are in the table, so the
-            // pid cannot have been reused by an unrelated process.
-            let _ = kill(Pid::from_raw(id as i32), signal);
+        for (_, id) in conns {
+            // The ids are pids from the dispatcher's own table, of children
+            // not yet reaped (the dispatcher holds SIGCHLD while it stops),
+            // so none can have been reused by another process.
+            match i32::try_from(id) {
+                Ok(pid) if pid > 0 => {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+                _ => {}
+            }
         }
     }
 
-    fn is_zombie(&self, id: u64) -> bool {
-        self.reap != ReapMode::Handler && reaper::is_zombie(Pid::from_raw(id as i32))
+    fn finished(&self, id: u64) -> bool {
+        self.reap != ReapMode::Handler
+            && i32::try_from(id).is_ok_and(|pid| reaper::is_zombie(Pid::from_raw(pid)))
     }
 
-    fn finish(&mut self, ended: &mut dyn FnMut(u32, How)) {
+    fn finish(&mut self, ended: &mut dyn FnMut(u64, How)) {
         // Whatever the mode, forkd reaps every remaining child before it exits.
-        reaper::reap_into_ring();
+        reaper::reap_now();
         self.collect(Collect::NeedRoom, ended);
     }
 }

@@ -31,7 +31,7 @@ pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Err
     let mut sock = unsafe { TcpStream::from_raw_fd(0) };
     let _ = echo::set_idle_timeout(&sock, idle);
     let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
-    let outcome = echo::serve(&mut sock, &mut buf);
+    let outcome = echo::serve(&mut sock, &mut buf, &std::sync::atomic::AtomicU64::new(0));
     // Send our FIN now rather than at exit. Classic inetd also hands the
     // connection over as stderr, so a log line written before the FIN would
     // reach the client as part of its echo. After the shutdown such a line

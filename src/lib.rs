@@ -7,16 +7,23 @@
 //! - [`server`]: start-up in order, from a config to a running dispatcher.
 //! - [`listen`]: binding listeners (SO_REUSEADDR, V6ONLY) and accepting.
 //! - [`dispatcher`]: the one `poll` loop every model shares: accept, caps,
-//!   per-address limits, back-off, logging each end, status, graceful stop.
-//! - [`echo`]: the echo handler every model calls.
-//! - [`fork`]: fork mode, the dispatcher's side (fork, record, reap).
+//!   per-address limits, back-off, the one place a connection ends, status,
+//!   graceful stop.
+//! - [`model`]: what a concurrency model is to the dispatcher ([`model::Model`]).
+//! - [`fork`]: fork mode, the dispatcher's side (fork, close, record).
 //! - [`child`]: fork mode, the child's side (hygiene, title, echo, `_exit`).
 //! - [`thread`]: thread mode, one thread per connection.
+//! - [`echo`]: the echo handler every model calls.
+//! - [`exit_code`]: what a connection process's exit code means.
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
-//! - [`reaper`]: the SIGCHLD handler and the ring of exits it fills.
-//! - [`scoreboard`]: the table of live connections and the other tables the
-//!   dispatcher writes per connection, in memory shared with the children.
-//! - [`signals`]: the other signal handlers and the wake-up pipe.
+//! - [`table`]: the dispatcher's private table of live connections.
+//! - [`ids`]: from a pid or connection number to its slot in the table.
+//! - [`counters`]: the byte counters, the only memory children share with
+//!   the dispatcher (untrusted, reported only).
+//! - [`memory`]: private (not inherited) and shared mappings for the tables.
+//! - [`signals`]: the signal handler, what each signal means, the wake-up pipe.
+//! - [`reaper`]: the ring of exits the SIGCHLD handler fills.
+//! - [`events`]: the dispatcher's log lines, one helper per event.
 //! - [`logging`]: stderr, journald prefixes or syslog, with per-child pids.
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
 //! - [`limits`]: the descriptor limit and `--max-per-ip` counting.
@@ -26,25 +33,38 @@
 //! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
 //! A new model (a prefork pool, an event loop) is one new file implementing
-//! [`dispatcher::Model`], plus its line in [`cli::Mode`] and [`server`].
+//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`].
+//!
+//! The fork path, in the order it runs: [`dispatcher`] accepts and calls
+//! [`fork::ForkModel`]'s `start`, which forks; the child runs
+//! [`child::serve`] (the echo of [`echo`]) and leaves with `_exit`; the
+//! parent closes the socket and the dispatcher records the pid in its
+//! [`table`]. The exit is reaped by the handler in [`signals`] into the
+//! [`reaper`]'s ring, and the dispatcher ends the connection.
 
 pub mod child;
 pub mod cli;
+pub mod counters;
 pub mod dispatcher;
 pub mod echo;
 pub mod error;
+pub mod events;
+pub mod exit_code;
 pub mod fork;
+pub mod ids;
 pub mod inetd;
 pub mod limits;
 pub mod listen;
 pub mod load;
 pub mod logging;
+pub mod memory;
+pub mod model;
 pub mod privdrop;
 pub mod reaper;
-pub mod scoreboard;
 pub mod server;
 pub mod signals;
 pub mod systemd;
+pub mod table;
 pub mod thread;
 pub mod title;
 

@@ -1,118 +1,84 @@
-//! Reaping children: the SIGCHLD handler and the ring it reports through.
+//! Reaping children: the record of exits the SIGCHLD handler fills.
 //!
-//! In `--reap handler` mode the handler itself calls `waitpid(-1, WNOHANG)`
-//! in a loop until no child is left to reap (one SIGCHLD can stand for many
-//! exits), stores each (pid, status) in a fixed ring allocated at start, and
-//! wakes the dispatcher, which logs the exits. Nothing in the handler
+//! In `--reap handler` mode the handler ([`crate::signals`]) calls
+//! [`reap_into_ring`]: `waitpid(-1, WNOHANG)` in a loop until no child is
+//! left to reap (one SIGCHLD can stand for many exits), each (pid, status)
+//! stored in a fixed ring allocated at start; the dispatcher then reads the
+//! ring ([`drain`]) and ends each connection. Nothing in the handler
 //! allocates, locks or logs. The ring holds as many entries as forkd can
 //! have children, so it cannot fill up; if it ever did, the handler would
 //! stop reaping (leaving the rest as zombies, never losing an exit) and
 //! [`drain`] would raise SIGCHLD again once it made room.
 //!
-//! In `lazy` and `off` modes the handler only wakes the dispatcher, and the
-//! dispatcher calls [`reap_into_ring`] itself when its mode says so. Either
-//! way exactly one context fills the ring, and only the dispatcher empties
-//! it: a single-producer, single-consumer queue.
+//! In `lazy` and `off` modes the handler only wakes the dispatcher, which
+//! reaps itself ([`reap_now`]) when its mode says so. The ring is a
+//! single-producer, single-consumer queue: only the dispatcher empties it,
+//! and whenever the dispatcher fills it, SIGCHLD is blocked, so the handler
+//! never fills it at the same time.
+//!
+//! The ring lives in memory no child inherits ([`crate::memory::private`]):
+//! no connection's process can forge an exit or a pid.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
-use nix::errno::Errno;
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-use crate::signals::{self, Pending};
-
-struct Slot {
+struct Entry {
     pid: AtomicI32,
     status: AtomicI32,
 }
 
-// The ring: slots and indices in shared memory, so that the handler's
-// writes in the dispatcher leave no copy-on-write pages behind in children
-// (see `crate::scoreboard`).
-static SLOTS: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+static ENTRIES: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
 static CAP: AtomicUsize = AtomicUsize::new(0);
 static INDEX: AtomicPtr<Index> = AtomicPtr::new(std::ptr::null_mut());
 
 #[derive(Default)]
 struct Index {
-    /// Next slot to write; advanced only by the producer.
+    /// Next entry to write; advanced only by the producer.
     head: AtomicUsize,
-    /// Next slot to read; advanced only by the dispatcher.
+    /// Next entry to read; advanced only by the dispatcher.
     tail: AtomicUsize,
     overflowed: AtomicBool,
 }
 
-/// The ring's slots and indices, once installed.
-fn ring() -> Option<(&'static [Slot], &'static Index)> {
-    let slots = SLOTS.load(Ordering::Acquire);
+/// The ring's entries and indices, once allocated.
+fn ring() -> Option<(&'static [Entry], &'static Index)> {
+    let entries = ENTRIES.load(Ordering::Acquire);
     let index = INDEX.load(Ordering::Acquire);
-    if slots.is_null() || index.is_null() {
+    if entries.is_null() || index.is_null() {
         return None;
     }
-    // SAFETY: `install` stored pointers into mappings that are never
-    // unmapped, CAP before SLOTS (Release/Acquire).
+    // SAFETY: `init` stored pointers into mappings that are never
+    // unmapped, CAP before ENTRIES (Release/Acquire).
     unsafe {
         Some((
-            std::slice::from_raw_parts(slots, CAP.load(Ordering::Relaxed)),
+            std::slice::from_raw_parts(entries, CAP.load(Ordering::Relaxed)),
             &*index,
         ))
     }
 }
 
-/// Allocate the ring for up to `capacity` unprocessed exits and install the
-/// SIGCHLD handler; `reap_in_handler` chooses `--reap handler` behaviour.
-pub fn install(capacity: usize, reap_in_handler: bool) -> std::io::Result<()> {
-    // SAFETY: all-zero is a valid Slot (two atomics).
-    let slots = unsafe { crate::scoreboard::shared_zeroed::<Slot>(capacity)? };
-    // SAFETY: all-zero is a valid Index (atomics).
-    let index = unsafe { crate::scoreboard::shared_zeroed::<Index>(1)? };
-    CAP.store(slots.len(), Ordering::Relaxed);
+/// Allocate the ring for up to `capacity` unread exits. Call before the
+/// SIGCHLD handler is installed.
+pub fn init(capacity: usize) -> std::io::Result<()> {
+    // SAFETY: all-zero is a valid Entry and Index (atomics).
+    let entries = unsafe { crate::memory::private::<Entry>(capacity)? };
+    let index = unsafe { crate::memory::private::<Index>(1)? };
+    CAP.store(entries.len(), Ordering::Relaxed);
     INDEX.store(&raw mut index[0], Ordering::Release);
-    SLOTS.store(slots.as_mut_ptr(), Ordering::Release);
-    REAP_IN_HANDLER.store(reap_in_handler, Ordering::Relaxed);
-    let action = SigAction::new(
-        SigHandler::Handler(on_sigchld),
-        // ONSTACK: run on the dispatcher's alternate stack, which lives in
-        // shared memory (see `signals::install`), so the kernel's signal
-        // frame dirties no private page. NOCLDSTOP: only exits matter.
-        SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP | SaFlags::SA_ONSTACK,
-        SigSet::empty(),
-    );
-    // SAFETY: `on_sigchld` is async-signal-safe (see there); the memory it
-    // touches was mapped above, before the handler was installed.
-    unsafe { sigaction(Signal::SIGCHLD, &action) }?;
+    ENTRIES.store(entries.as_mut_ptr(), Ordering::Release);
     Ok(())
 }
 
-/// `--reap handler`: does the handler reap, or only wake the dispatcher?
-static REAP_IN_HANDLER: AtomicBool = AtomicBool::new(false);
-
-/// The SIGCHLD handler. SIGCHLD comes once per connection, so the handler
-/// is forkd's own rather than signal-hook's shared one, which counts readers
-/// in private memory and saves errno on every call: here every write goes
-/// to shared memory, and errno is put back only if a call changed it. Each
-/// private page written here would cost a page fault and a copy after the
-/// next fork.
-extern "C" fn on_sigchld(_: libc::c_int) {
-    let saved = Errno::last_raw();
-    if REAP_IN_HANDLER.load(Ordering::Relaxed) {
-        reap_into_ring();
-    }
-    signals::note(Pending::CHILD);
-    if Errno::last_raw() != saved {
-        Errno::set_raw(saved);
-    }
-}
-
-/// Reap every child that has exited, recording each in the ring.
-/// Async-signal-safe. Returns how many were reaped.
+/// Reap every child that has exited, recording each in the ring. For the
+/// SIGCHLD handler: async-signal-safe. Returns how many were reaped.
 pub fn reap_into_ring() -> usize {
-    let Some((slots, index)) = ring() else {
+    let Some((entries, index)) = ring() else {
         return 0;
     };
-    let cap = slots.len();
+    let cap = entries.len();
     let mut reaped = 0;
     loop {
         let head = index.head.load(Ordering::Relaxed);
@@ -127,26 +93,32 @@ pub fn reap_into_ring() -> usize {
             // 0: children remain but none has exited; -1: ECHILD, no children at all.
             return reaped;
         }
-        let slot = &slots[head % cap];
-        slot.pid.store(pid, Ordering::Relaxed);
-        slot.status.store(status, Ordering::Relaxed);
+        let entry = &entries[head % cap];
+        entry.pid.store(pid, Ordering::Relaxed);
+        entry.status.store(status, Ordering::Relaxed);
         index.head.store(head + 1, Ordering::Release);
         reaped += 1;
     }
 }
 
-/// Hand every recorded exit to `each` (dispatcher only).
+/// Reap from the dispatcher itself (`--reap lazy`, and at exit), with
+/// SIGCHLD blocked so the handler is never a second producer.
+pub fn reap_now() -> usize {
+    crate::signals::without_sigchld(reap_into_ring)
+}
+
+/// Hand every recorded exit to `each`, oldest first (dispatcher only).
 pub fn drain(each: &mut dyn FnMut(Pid, WaitStatus)) {
-    let Some((slots, index)) = ring() else {
+    let Some((entries, index)) = ring() else {
         return;
     };
-    let cap = slots.len();
+    let cap = entries.len();
     let head = index.head.load(Ordering::Acquire);
     let mut tail = index.tail.load(Ordering::Relaxed);
     while tail != head {
-        let slot = &slots[tail % cap];
-        let pid = Pid::from_raw(slot.pid.load(Ordering::Relaxed));
-        let raw = slot.status.load(Ordering::Relaxed);
+        let entry = &entries[tail % cap];
+        let pid = Pid::from_raw(entry.pid.load(Ordering::Relaxed));
+        let raw = entry.status.load(Ordering::Relaxed);
         let status = WaitStatus::from_raw(pid, raw).unwrap_or(WaitStatus::Exited(pid, 255));
         tail += 1;
         index.tail.store(tail, Ordering::Release);

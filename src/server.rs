@@ -13,15 +13,15 @@ use std::os::fd::AsRawFd;
 use log::{info, warn};
 
 use crate::child::{self, ChildSetup};
-use crate::cli::{Config, Mode};
-use crate::dispatcher::{Dispatcher, Settings, Summary};
+use crate::cli::{Config, Mode, ReapMode};
+use crate::dispatcher::{Dispatcher, Settings};
 use crate::error::{EXIT_OK, Error};
 use crate::fork::ForkModel;
 use crate::listen::Listener;
-use crate::scoreboard::{PidIndex, Scoreboard};
-use crate::signals::Signals;
+use crate::model::Model;
+use crate::signals::Children;
 use crate::thread::ThreadModel;
-use crate::{inetd, limits, logging, privdrop, reaper, scoreboard, systemd, title};
+use crate::{events, inetd, limits, logging, privdrop, reaper, signals, systemd, title};
 
 /// Run forkd as configured; returns the exit code for a clean stop.
 pub fn run(config: Config) -> Result<u8, Error> {
@@ -36,13 +36,6 @@ pub fn run(config: Config) -> Result<u8, Error> {
         None => None,
     };
     let nofile = limits::raise_nofile();
-    // Room for the shared tables: scoreboard, reaper ring, pid index, poll set.
-    let pid_index = match config.mode {
-        Mode::Fork => PidIndex::bytes(),
-        Mode::Thread => 0,
-    };
-    scoreboard::reserve_shared(pid_index + config.max_conns * 256 + (1 << 20))
-        .map_err(|e| Error::os("cannot map shared memory", e))?;
     let mut listeners = systemd::activated_listeners()?;
     let activated = !listeners.is_empty();
     if !activated {
@@ -61,29 +54,21 @@ pub fn run(config: Config) -> Result<u8, Error> {
             log::warn!("{e}; connections keep the capabilities forkd was started with");
         }
     }
-    let signals = Signals::install().map_err(|e| Error::os("cannot install signal handlers", e))?;
     let settings = Settings {
         max_conns: config.max_conns,
         max_per_ip: config.max_per_ip,
         grace: config.grace,
     };
     title::set_comm(c"forkd");
-    let board =
-        Scoreboard::new(config.max_conns).map_err(|e| Error::os("cannot map the scoreboard", e))?;
-
-    // Hand start-up's freed heap back to the kernel: every resident page of
-    // the dispatcher is a page table entry each fork copies.
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe { libc::malloc_trim(0) };
-
-    let summary = match config.mode {
+    match config.mode {
         Mode::Fork => {
             // Room in the ring for every child forkd can have, plus margin.
-            reaper::install(
-                config.max_conns + 64,
-                config.reap == crate::cli::ReapMode::Handler,
-            )
-            .map_err(|e| Error::os("cannot install the SIGCHLD handler", e))?;
+            reaper::init(config.max_conns + 64)
+                .map_err(|e| Error::os("cannot map the reaper's ring", e))?;
+            let children = match config.reap {
+                ReapMode::Handler => Children::ReapInHandler,
+                ReapMode::Lazy | ReapMode::Off => Children::Woken,
+            };
             let dispatcher = nix::unistd::getpid();
             child::exit_on_panic_in_children(dispatcher);
             let setup = ChildSetup::new(
@@ -91,23 +76,46 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 dispatcher,
                 title::TitleArea::capture(),
             );
-            let model = ForkModel::new(config.reap, setup, config.buffer)
-                .map_err(|e| Error::os("cannot map the pid index", e))?;
-            announce(&config, &listeners, activated, &model_name(&config), nofile);
-            Dispatcher::new(model, board, listeners, signals, settings)?.run()?
+            let model = ForkModel::new(config.reap, setup, config.buffer);
+            serve(
+                &config, model, children, listeners, settings, activated, nofile,
+            )
         }
         Mode::Thread => {
             let model = ThreadModel::new(config.thread_stack, config.buffer, config.max_conns);
-            announce(&config, &listeners, activated, "thread", nofile);
-            Dispatcher::new(model, board, listeners, signals, settings)?.run()?
+            let (l, s) = (listeners, settings);
+            serve(&config, model, Children::None, l, s, activated, nofile)
         }
-    };
-    info!("{}", summary_line(&summary));
-    Ok(EXIT_OK)
+    }
 }
 
-fn model_name(config: &Config) -> String {
-    format!("fork, reap {:?}", config.reap).to_lowercase()
+/// Install the signal handlers, announce readiness, run the dispatcher
+/// until it stops, and log the summary.
+fn serve<M: Model>(
+    config: &Config,
+    model: M,
+    children: Children,
+    listeners: Vec<Listener>,
+    settings: Settings,
+    activated: bool,
+    nofile: nix::Result<u64>,
+) -> Result<u8, Error> {
+    let signals =
+        signals::install(children).map_err(|e| Error::os("cannot install signal handlers", e))?;
+    let terms = model.terms();
+    let name = match config.mode {
+        Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
+        Mode::Thread => "thread".to_string(),
+    };
+    let dispatcher = Dispatcher::new(model, listeners, signals, settings)?;
+    // Hand start-up's freed heap back to the kernel: every resident page of
+    // the dispatcher is a page table entry each fork copies.
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
+    announce(config, dispatcher.listeners(), activated, &name, nofile);
+    let s = dispatcher.run()?;
+    events::stopped(terms, s.served, s.ended, s.forced, s.refused_per_ip);
+    Ok(EXIT_OK)
 }
 
 /// Tell the world forkd accepts: log, `--print-addr`, and `READY=1`.
@@ -190,11 +198,4 @@ fn ensure_stdio() {
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
-}
-
-fn summary_line(s: &Summary) -> String {
-    format!(
-        "stopped: {} connections served, {} ended ({} by signal), {} refused by --max-per-ip",
-        s.served, s.ended, s.killed, s.refused_per_ip
-    )
 }

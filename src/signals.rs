@@ -1,130 +1,268 @@
 //! Signals, turned into events for the dispatcher's `poll` loop.
 //!
-//! A handler does two async-signal-safe things: it sets a bit in a word of
-//! shared memory and writes one byte to the wake-up pipe, whose read end sits
-//! in the dispatcher's poll set. `poll` is never restarted after a signal,
-//! so the dispatcher wakes at once; it drains the pipe *first* and only then
-//! takes the pending bits, so no signal that arrives in between is lost.
-//! The SIGCHLD handler lives in [`crate::reaper`] and ends with [`note`].
+//! | signal | meaning |
+//! |---|---|
+//! | SIGTERM, SIGINT | graceful stop; a second one skips the grace period |
+//! | SIGQUIT | kill every connection and exit now |
+//! | SIGUSR1 | log the status line, whatever the log level |
+//! | SIGHUP | log the status line and reconnect to syslog |
+//! | SIGXCPU | the CPU-time limit is reached: graceful stop (SIGKILL follows at the hard limit) |
+//! | SIGCHLD | reap (fork mode, see [`crate::reaper`]) |
+//! | SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGTRAP, SIGSTKFLT, SIGSYS, SIGXFSZ, SIGPWR, SIGIO, SIGRTMIN..SIGRTMAX | no meaning: ignored, and logged at most once a second |
+//! | SIGTTIN, SIGTTOU | ignored quietly, so terminal I/O never stops forkd |
+//! | SIGPIPE | ignored (Rust's default): a vanished client is EPIPE, a normal end |
+//! | SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT | a real fault: the default, forkd dies (and systemd restarts it) |
+//! | SIGTSTP, SIGSTOP, SIGCONT, SIGKILL | the defaults |
 //!
-//! SIGPIPE stays ignored (Rust's default): a write to a vanished client
-//! returns EPIPE, which the echo handler treats as a normal end.
+//! One handler, [`on_signal`], serves them all. It does only
+//! async-signal-safe things: counts the signal in a word of memory, reaps
+//! (SIGCHLD, `--reap handler`), and writes one byte to the wake-up pipe,
+//! whose read end sits in the dispatcher's poll set. `poll` is never
+//! restarted after a signal, so the dispatcher wakes at once; it drains the
+//! pipe *first* and only then takes the pending events, so no signal that
+//! arrives in between is lost.
+//!
+//! Everything the handler writes, and the alternate stack it runs on, lives
+//! in memory no child inherits ([`crate::memory::private`]): a connection's
+//! process can neither forge an event nor write into a signal frame. A
+//! child also inherits the handler itself; the handler sees it is not in
+//! the dispatcher (its pid differs) and does what the signal's default
+//! would, so a child behaves as if forkd had installed nothing, without
+//! paying a `sigaction` per signal at every fork.
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, Ordering};
+use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 
-/// What a signal asked the dispatcher to do.
+/// What signals asked the dispatcher to do since it last looked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pending(u32);
+pub struct Pending {
+    bits: u32,
+    /// SIGTERM and SIGINT received, each counted (a second skips the grace).
+    pub terminate: u32,
+    /// Bit `n` set: signal `n` came and was ignored.
+    pub ignored: u64,
+}
 
 impl Pending {
-    pub const TERMINATE: u32 = 1; // SIGTERM, SIGINT: graceful stop
-    pub const QUIT: u32 = 2; // SIGQUIT: kill the children, exit now
-    pub const STATUS: u32 = 4; // SIGUSR1: log a status line
+    pub const QUIT: u32 = 1; // SIGQUIT: kill the connections, exit now
+    pub const STATUS: u32 = 2; // SIGUSR1: log a status line
+    pub const RELOAD: u32 = 4; // SIGHUP: status line, reconnect to syslog
     pub const CHILD: u32 = 8; // SIGCHLD: children ended
+    pub const CPU_LIMIT: u32 = 16; // SIGXCPU: graceful stop
 
     pub fn has(self, bit: u32) -> bool {
-        self.0 & bit != 0
+        self.bits & bit != 0
+    }
+
+    /// The signals ignored, by name.
+    pub fn ignored_names(self) -> Vec<String> {
+        (1..64)
+            .filter(|n| self.ignored & (1 << n) != 0)
+            .map(name)
+            .collect()
     }
 }
 
-/// What handlers write. It lives in shared memory (mapped by `install`): a
-/// handler's write in the dispatcher then leaves no copy-on-write page
-/// behind in children (see `crate::scoreboard`).
+/// What a signal means to forkd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Meaning {
+    /// Counted as a stop request.
+    Terminate,
+    /// Sets this bit of [`Pending`].
+    Event(u32),
+    /// No meaning: recorded, so the dispatcher can say it ignored it.
+    Ignore,
+}
+
+/// Every signal forkd installs its handler for, with what it means.
+const HANDLED: [(Signal, Meaning); 17] = [
+    (Signal::SIGTERM, Meaning::Terminate),
+    (Signal::SIGINT, Meaning::Terminate),
+    (Signal::SIGQUIT, Meaning::Event(Pending::QUIT)),
+    (Signal::SIGUSR1, Meaning::Event(Pending::STATUS)),
+    (Signal::SIGHUP, Meaning::Event(Pending::RELOAD)),
+    (Signal::SIGXCPU, Meaning::Event(Pending::CPU_LIMIT)),
+    (Signal::SIGUSR2, Meaning::Ignore),
+    (Signal::SIGALRM, Meaning::Ignore),
+    (Signal::SIGVTALRM, Meaning::Ignore),
+    (Signal::SIGPROF, Meaning::Ignore),
+    (Signal::SIGTRAP, Meaning::Ignore),
+    (Signal::SIGSTKFLT, Meaning::Ignore),
+    (Signal::SIGSYS, Meaning::Ignore),
+    (Signal::SIGXFSZ, Meaning::Ignore),
+    (Signal::SIGPWR, Meaning::Ignore),
+    (Signal::SIGIO, Meaning::Ignore),
+    // SIGCHLD last: only fork mode handles it (see `install`).
+    (Signal::SIGCHLD, Meaning::Event(Pending::CHILD)),
+];
+
+/// Ignored with SIG_IGN, not caught: a caught SIGTTOU would make a
+/// background write to a terminal restart and signal again for ever.
+const IGNORED_QUIETLY: [Signal; 2] = [Signal::SIGTTIN, Signal::SIGTTOU];
+
+/// What the handler writes.
 #[derive(Default)]
-struct Shared {
-    /// Bits set by handlers, taken by the dispatcher.
-    pending: AtomicU32,
+struct State {
+    bits: AtomicU32,
+    terminate: AtomicU32,
+    ignored: AtomicU64,
     /// Set while the pipe holds an unread byte, so a burst of signals (one
     /// SIGCHLD per child) writes, and the dispatcher reads, one byte, not many.
     awake: AtomicBool,
 }
 
-static SHARED: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
-/// Write end of the wake-up pipe (-1 until installed).
-static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
+static STATE: AtomicPtr<State> = AtomicPtr::new(std::ptr::null_mut());
+/// The wake-up pipe's ends (-1 until installed). Never closed: a late
+/// handler or thread can never write into a descriptor that was reused.
+static WAKE_READ: AtomicI32 = AtomicI32::new(-1);
+static WAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
+/// The dispatcher's pid: the handler running in any other process is a child's.
+static DISPATCHER: AtomicI32 = AtomicI32::new(0);
+/// `--reap handler`: the SIGCHLD handler reaps.
+static REAP_IN_HANDLER: AtomicBool = AtomicBool::new(false);
 
-/// The signals forkd handles itself, each with the event it stands for.
-const HANDLED: [(Signal, u32); 4] = [
-    (Signal::SIGTERM, Pending::TERMINATE),
-    (Signal::SIGINT, Pending::TERMINATE),
-    (Signal::SIGQUIT, Pending::QUIT),
-    (Signal::SIGUSR1, Pending::STATUS),
-];
-
-/// The wake-up pipe. Dropping it does not uninstall the handlers: forkd
-/// installs them once and keeps them until it exits.
+/// The read end of the wake-up pipe, for the dispatcher's poll set.
+#[derive(Clone, Copy, Debug)]
 pub struct Signals {
-    read: OwnedFd,
-    _write: OwnedFd,
+    read: RawFd,
+}
+
+/// Which children forkd has, for [`install`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Children {
+    /// No child processes (thread mode): SIGCHLD keeps its default.
+    None,
+    /// Children reaped by the dispatcher itself (`--reap lazy|off`).
+    Woken,
+    /// Children reaped in the SIGCHLD handler (`--reap handler`).
+    ReapInHandler,
+}
+
+/// Create the pipe and install the handlers (once, for the life of the process).
+pub fn install(children: Children) -> io::Result<Signals> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    // SAFETY: all-zero is a valid State (atomics).
+    let state = unsafe { crate::memory::private::<State>(1)? };
+    STATE.store(&raw mut state[0], Ordering::SeqCst);
+    alternate_stack()?;
+    DISPATCHER.store(nix::unistd::getpid().as_raw(), Ordering::SeqCst);
+    REAP_IN_HANDLER.store(children == Children::ReapInHandler, Ordering::SeqCst);
+    let read = read.into_raw_fd();
+    WAKE_READ.store(read, Ordering::SeqCst);
+    WAKE_WRITE.store(write.into_raw_fd(), Ordering::SeqCst);
+    // Whatever mask forkd was started with, it blocks nothing now; the
+    // children inherit that empty mask, so they need not reset it.
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    let handled = match children {
+        Children::None => &HANDLED[..HANDLED.len() - 1],
+        _ => &HANDLED[..],
+    };
+    let rt = libc::SIGRTMIN()..=libc::SIGRTMAX();
+    for signal in handled.iter().map(|(s, _)| *s as i32).chain(rt) {
+        catch(signal)?;
+    }
+    for signal in IGNORED_QUIETLY {
+        // SAFETY: SIG_IGN runs no code.
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) }?;
+    }
+    Ok(Signals { read })
+}
+
+fn catch(signal: i32) -> io::Result<()> {
+    // SAFETY: all-zero is a valid sigaction to fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_signal as *const () as usize;
+    // ONSTACK: on the dispatcher's private alternate stack (see
+    // `alternate_stack`). NOCLDSTOP: only exits matter. No SA_RESTART: the
+    // dispatcher only ever sleeps in poll, which is never restarted anyway.
+    action.sa_flags = libc::SA_ONSTACK | libc::SA_NOCLDSTOP;
+    // SAFETY: `on_signal` is async-signal-safe (see there), and everything
+    // it touches was set up above, before the first handler was installed.
+    if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The one handler. Async-signal-safe: atomics, `getpid`, `waitpid`
+/// (through the reaper), `write` to a non-blocking pipe, and in a child
+/// `sigaction` and `raise`. errno is put back if a call changed it.
+extern "C" fn on_signal(signal: libc::c_int) {
+    let saved = nix::errno::Errno::last_raw();
+    // SAFETY: getpid(2) is async-signal-safe.
+    if unsafe { libc::getpid() } != DISPATCHER.load(Ordering::Relaxed) {
+        // A connection's process: act as the default would.
+        as_default(signal);
+    } else {
+        if signal == libc::SIGCHLD && REAP_IN_HANDLER.load(Ordering::Relaxed) {
+            crate::reaper::reap_into_ring();
+        }
+        if let Some(state) = state() {
+            state.record(signal);
+            state.wake(WAKE_WRITE.load(Ordering::Relaxed));
+        }
+    }
+    if nix::errno::Errno::last_raw() != saved {
+        nix::errno::Errno::set_raw(saved);
+    }
+}
+
+/// Put `signal`'s default action back and send it again: delivered when the
+/// handler returns (the signal is blocked while its handler runs).
+fn as_default(signal: libc::c_int) {
+    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty mask.
+    let default: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: sigaction(2) and raise(3) are async-signal-safe.
+    unsafe {
+        libc::sigaction(signal, &default, std::ptr::null_mut());
+        libc::raise(signal);
+    }
+}
+
+fn meaning(signal: i32) -> Meaning {
+    HANDLED
+        .iter()
+        .find(|(s, _)| *s as i32 == signal)
+        .map_or(Meaning::Ignore, |(_, m)| *m)
 }
 
 impl Signals {
-    /// Create the pipe and install the handlers for SIGTERM, SIGINT, SIGQUIT and SIGUSR1.
-    pub fn install() -> io::Result<Signals> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        // SAFETY: all-zero is a valid Shared (atomics).
-        let shared = unsafe { crate::scoreboard::shared_zeroed::<Shared>(1)? };
-        SHARED.store(&raw mut shared[0], Ordering::SeqCst);
-        alternate_stack()?;
-        WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
-        // Whatever mask forkd was started with, it blocks nothing now; the
-        // children inherit that empty mask, so they need not reset it.
-        sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-        for (signal, bit) in HANDLED {
-            // SAFETY: the action only does async-signal-safe work: an atomic
-            // fetch_or and a write(2) to a non-blocking pipe (see `note`).
-            unsafe { signal_hook::low_level::register(signal as i32, move || note(bit)) }?;
-        }
-        Ok(Signals {
-            read,
-            _write: write,
-        })
-    }
-
     /// Empty the pipe, then take every pending event (in that order: see the module docs).
     pub fn take(&self) -> Pending {
-        match shared() {
-            Some(shared) => shared.take(self.read.as_fd(), |_| {}),
+        match state() {
+            // SAFETY: the pipe's read end is never closed.
+            Some(state) => state.take(unsafe { BorrowedFd::borrow_raw(self.read) }, |_| {}),
             None => Pending::default(),
         }
     }
-}
 
-impl AsFd for Signals {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.read.as_fd()
+    /// For the poll set.
+    pub fn fd(&self) -> RawFd {
+        self.read
     }
 }
 
-fn shared() -> Option<&'static Shared> {
-    let ptr = SHARED.load(Ordering::SeqCst);
+fn state() -> Option<&'static State> {
+    let ptr = STATE.load(Ordering::Relaxed);
     // SAFETY: non-null only once `install` stored a pointer into a mapping
     // that is never unmapped.
     (!ptr.is_null()).then(|| unsafe { &*ptr })
 }
 
-/// Record `bit` and wake the dispatcher. Async-signal-safe.
-pub fn note(bit: u32) {
-    if let Some(shared) = shared() {
-        shared.note(bit, WAKE_FD.load(Ordering::SeqCst));
-    }
-}
-
-/// Wake the dispatcher's poll. Async-signal-safe; a full pipe already means "awake".
+/// Wake the dispatcher's poll (a thread-mode connection's end).
+/// Async-signal-safe; a full pipe already means "awake".
 pub fn wake() {
-    let fd = WAKE_FD.load(Ordering::SeqCst);
-    if let Some(shared) = shared() {
-        shared.wake(fd);
+    if let Some(state) = state() {
+        state.wake(WAKE_WRITE.load(Ordering::Relaxed));
     }
 }
 
-/// The points inside [`Shared::take`] where another thread or a signal
+/// The points inside [`State::take`] where another thread or a signal
 /// handler may run; a test runs a wake-up at each in turn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TakeStep {
@@ -133,11 +271,22 @@ enum TakeStep {
     AfterClear,
 }
 
-impl Shared {
-    /// Record `bit`, then wake the dispatcher through `fd`.
-    fn note(&self, bit: u32, fd: RawFd) {
-        self.pending.fetch_or(bit, Ordering::SeqCst);
-        self.wake(fd);
+impl State {
+    /// Count `signal` by its meaning.
+    fn record(&self, signal: i32) {
+        match meaning(signal) {
+            Meaning::Terminate => {
+                self.terminate.fetch_add(1, Ordering::SeqCst);
+            }
+            Meaning::Event(bit) => {
+                self.bits.fetch_or(bit, Ordering::SeqCst);
+            }
+            Meaning::Ignore => {
+                if (1..64).contains(&signal) {
+                    self.ignored.fetch_or(1 << signal, Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// Write a byte to the pipe unless one is known to be there already.
@@ -149,7 +298,7 @@ impl Shared {
         }
     }
 
-    /// Empty the pipe, then clear `awake`, then take the pending bits.
+    /// Empty the pipe, then clear `awake`, then take the pending events.
     ///
     /// The order keeps `awake` true only while the pipe holds a byte (or a
     /// writer is about to write one). Clearing it first would let a wake-up
@@ -157,7 +306,7 @@ impl Shared {
     /// here: the flag would stay set over an empty pipe, and every later
     /// wake-up would skip its write and leave `poll` asleep. A wake-up before
     /// the clear writes nothing, but its event is already recorded and is
-    /// taken below (bits here; a thread's end by the collect that follows).
+    /// taken below (events here; a thread's end by the collect that follows).
     fn take(&self, read: BorrowedFd<'_>, mut at: impl FnMut(TakeStep)) -> Pending {
         at(TakeStep::BeforeDrain);
         let mut buf = [0u8; 64];
@@ -169,7 +318,20 @@ impl Shared {
         at(TakeStep::AfterDrain);
         self.awake.store(false, Ordering::SeqCst);
         at(TakeStep::AfterClear);
-        Pending(self.pending.swap(0, Ordering::SeqCst))
+        Pending {
+            bits: self.bits.swap(0, Ordering::SeqCst),
+            terminate: self.terminate.swap(0, Ordering::SeqCst),
+            ignored: self.ignored.swap(0, Ordering::SeqCst),
+        }
+    }
+}
+
+/// A signal's name: `SIGALRM`, `SIGRTMIN+3`.
+pub fn name(signal: i32) -> String {
+    match Signal::try_from(signal) {
+        Ok(s) => s.as_str().to_string(),
+        Err(_) if signal >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", signal - libc::SIGRTMIN()),
+        Err(_) => format!("signal {signal}"),
     }
 }
 
@@ -177,15 +339,15 @@ impl Shared {
 const ALT_STACK: usize = 64 << 10;
 
 /// Give the calling thread (the dispatcher) an alternate signal stack in
-/// shared memory. The kernel writes each signal's frame (registers and
-/// vector state, a few KiB) on the stack a handler runs on; on the ordinary
-/// stack that dirties private pages below the dispatcher's frames, which
-/// after every fork means page faults and copies. Handlers registered with
-/// `SA_ONSTACK` (the SIGCHLD handler) run here instead. A child must never
-/// use this stack: it disables it first thing (see [`reset_in_child`]).
+/// memory no child inherits. The kernel writes each signal's frame
+/// (registers and vector state, a few KiB) on the stack a handler runs on;
+/// on the ordinary stack that dirties pages below the dispatcher's frames,
+/// which after every fork means page faults and copies, and a frame there
+/// could be read and written by the children. A child disables this stack
+/// first thing (see [`reset_in_child`]): it is not mapped in the child.
 fn alternate_stack() -> io::Result<()> {
     // SAFETY: all-zero bytes are valid MaybeUninit<u8>.
-    let stack = unsafe { crate::scoreboard::shared_zeroed::<MaybeUninit<u8>>(ALT_STACK)? };
+    let stack = unsafe { crate::memory::private::<MaybeUninit<u8>>(ALT_STACK)? };
     let ss = libc::stack_t {
         ss_sp: stack.as_mut_ptr().cast(),
         ss_flags: 0,
@@ -199,30 +361,17 @@ fn alternate_stack() -> io::Result<()> {
     Ok(())
 }
 
-/// In a freshly forked child: default dispositions for every signal the
-/// dispatcher handles, and no alternate stack. The mask is already empty
-/// (see `install`); SIGPIPE stays ignored.
+/// In a freshly forked child: give back the defaults forkd or Rust's runtime
+/// changed that [`on_signal`] does not already restore on delivery: the
+/// runtime's SIGSEGV and SIGBUS handlers (which would swallow a first
+/// SIGSEGV sent by `kill`), forkd's SIG_IGN for SIGTTIN and SIGTTOU, and
+/// the alternate stack, which is not mapped in a child. SIGPIPE stays
+/// ignored (the echo handler wants EPIPE); the mask is already empty.
 ///
 /// A child's code (see `crate::child`): plain libc calls on constants, no
-/// table of signals to read and no sigset to build, so it touches no page
-/// beyond libc's sigaction and sigaltstack.
+/// table to read, so it touches no page beyond libc's.
 #[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn reset_in_child() {
-    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty mask.
-    let default: libc::sigaction = unsafe { std::mem::zeroed() };
-    let reset = |signal: libc::c_int| {
-        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
-        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
-    };
-    // HANDLED's signals (checked by a test below), then SIGCHLD.
-    reset(libc::SIGTERM);
-    reset(libc::SIGINT);
-    reset(libc::SIGQUIT);
-    reset(libc::SIGUSR1);
-    reset(libc::SIGCHLD);
-    // The alternate stack is the dispatcher's, in memory it shares with
-    // every child; any handler left (std's SIGSEGV one) runs on the
-    // child's own stack instead.
     let off = libc::stack_t {
         ss_sp: std::ptr::null_mut(),
         ss_flags: libc::SS_DISABLE,
@@ -230,18 +379,46 @@ pub fn reset_in_child() {
     };
     // SAFETY: disabling the alternate stack touches no memory of ours.
     unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
+    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty mask.
+    let default: libc::sigaction = unsafe { std::mem::zeroed() };
+    let reset = |signal: libc::c_int| {
+        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
+        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
+    };
+    reset(libc::SIGSEGV);
+    reset(libc::SIGBUS);
+    reset(libc::SIGTTIN);
+    reset(libc::SIGTTOU);
+}
+
+/// Run `f` with SIGCHLD blocked, so the handler cannot reap meanwhile
+/// (the dispatcher reaping itself, or signalling pids that must not be
+/// reaped and reused under it).
+pub fn without_sigchld<T>(f: impl FnOnce() -> T) -> T {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    let mut old = SigSet::empty();
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old));
+    let out = f();
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
-    fn a_child_resets_every_handled_signal() {
-        // `reset_in_child` names its signals one by one; it must name these.
-        let reset = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1];
-        let handled: Vec<i32> = HANDLED.iter().map(|(s, _)| *s as i32).collect();
-        assert_eq!(handled, reset);
+    fn every_signal_has_one_meaning() {
+        let mut seen = std::collections::HashSet::new();
+        for (s, _) in HANDLED {
+            assert!(seen.insert(s), "{s} twice");
+            assert!(!IGNORED_QUIETLY.contains(&s));
+        }
+        assert_eq!(meaning(libc::SIGTERM), Meaning::Terminate);
+        assert_eq!(meaning(libc::SIGRTMIN() + 1), Meaning::Ignore);
+        assert_eq!(name(libc::SIGRTMIN() + 1), "SIGRTMIN+1");
     }
 
     fn readable(fd: BorrowedFd<'_>) -> bool {
@@ -255,9 +432,22 @@ mod tests {
     }
 
     #[test]
+    fn two_stop_signals_are_two() {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+        let state = State::default();
+        for _ in 0..2 {
+            state.record(libc::SIGTERM);
+            state.wake(write.as_raw_fd());
+        }
+        let got = state.take(std::os::fd::AsFd::as_fd(&read), |_| {});
+        assert_eq!(got.terminate, 2);
+    }
+
+    #[test]
     fn a_wake_up_during_take_is_never_lost() {
         // The dispatcher has been woken (one byte in the pipe, `awake` set) and
         // takes its events; an event arrives at each point of `take` in turn.
+        use std::os::fd::AsFd;
         for step in [
             TakeStep::BeforeDrain,
             TakeStep::AfterDrain,
@@ -265,32 +455,35 @@ mod tests {
         ] {
             let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
             let w = write.as_raw_fd();
-            let shared = Shared::default();
-            let event = |bit: u32| shared.note(bit, w);
-            event(Pending::STATUS);
+            let state = State::default();
+            let event = |signal: i32| {
+                state.record(signal);
+                state.wake(w);
+            };
+            event(libc::SIGUSR1);
             assert!(readable(read.as_fd()));
 
-            let got = shared.take(read.as_fd(), |at| {
+            let got = state.take(read.as_fd(), |at| {
                 if at == step {
-                    event(Pending::TERMINATE);
+                    event(libc::SIGHUP);
                 }
             });
             assert!(got.has(Pending::STATUS), "{step:?}: {got:?}");
             // The event that came mid-take is taken now, or wakes the next poll.
             assert!(
-                got.has(Pending::TERMINATE) || readable(read.as_fd()),
+                got.has(Pending::RELOAD) || readable(read.as_fd()),
                 "{step:?}: event lost ({got:?}, pipe empty)"
             );
             // And a later event always wakes the next poll.
-            event(Pending::QUIT);
+            event(libc::SIGQUIT);
             assert!(
                 readable(read.as_fd()),
                 "{step:?}: a later event left the pipe empty"
             );
-            let next = shared.take(read.as_fd(), |_| {});
+            let next = state.take(read.as_fd(), |_| {});
             assert!(next.has(Pending::QUIT), "{step:?}: {next:?}");
             assert!(
-                got.has(Pending::TERMINATE) || next.has(Pending::TERMINATE),
+                got.has(Pending::RELOAD) || next.has(Pending::RELOAD),
                 "{step:?}"
             );
             assert!(!readable(read.as_fd()), "{step:?}: pipe left readable");

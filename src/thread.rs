@@ -20,14 +20,23 @@ use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicU64, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
 
 use nix::sys::socket::{Shutdown, shutdown};
 
-use crate::dispatcher::{Collect, How, Model, Stop};
 use crate::echo;
+use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::signals;
+
+static TERMS: Terms = Terms {
+    id: "conn",
+    terminate: "shutting down reading on",
+    kill: "shutting down",
+    forced: "shut down by forkd",
+    collected: "ended",
+    finished: None,
+};
 
 type Buffer = Box<[MaybeUninit<u8>]>;
 
@@ -40,19 +49,22 @@ type Buffer = Box<[MaybeUninit<u8>]>;
 /// buffer comes from the dispatcher through its slot and goes back with its
 /// end, and the list of ends has room for every slot from the start.
 struct Hub {
-    /// Ends not yet collected, each with the buffer to free.
-    ends: Mutex<Vec<(u32, How, Option<Buffer>)>>,
+    /// Ends not yet collected (by id), each with the buffer to free.
+    ends: Mutex<Vec<(u64, How, Option<Buffer>)>>,
     /// Whether an end must wake the dispatcher at once (see module docs).
     wake_on_end: AtomicBool,
 }
 
 /// One connection slot, handed to its thread by address.
 struct Slot {
-    index: u32,
     hub: &'static Hub,
+    /// The connection's id while its thread runs.
+    id: AtomicU64,
+    /// How the dispatcher stopped it: 0 not, 1 reading shut down, 2 all shut down.
+    stopped: AtomicU8,
     /// The slot's socket while its thread runs (-1: none).
     socket: Mutex<RawFd>,
-    /// The scoreboard's byte counter for the slot.
+    /// The connection's byte counter ([`crate::counters`]).
     bytes: AtomicPtr<AtomicU64>,
     /// The echo buffer, from the dispatcher to the thread.
     buffer: Mutex<Option<Buffer>>,
@@ -62,7 +74,7 @@ pub struct ThreadModel {
     hub: &'static Hub,
     slots: &'static [Slot],
     /// Ends taken from the hub, kept between collects for its capacity.
-    taken: Vec<(u32, How, Option<Buffer>)>,
+    taken: Vec<(u64, How, Option<Buffer>)>,
     next_id: u64,
     stack: usize,
     buffer: usize,
@@ -75,10 +87,11 @@ impl ThreadModel {
             ends: Mutex::new(Vec::with_capacity(max_conns)),
             wake_on_end: AtomicBool::new(true),
         }));
-        let slots = (0..max_conns as u32)
-            .map(|index| Slot {
-                index,
+        let slots = (0..max_conns)
+            .map(|_| Slot {
                 hub,
+                id: AtomicU64::new(0),
+                stopped: AtomicU8::new(0),
                 socket: Mutex::new(-1),
                 bytes: AtomicPtr::new(std::ptr::null_mut()),
                 buffer: Mutex::new(None),
@@ -100,8 +113,8 @@ impl Model for ThreadModel {
         "thread".into()
     }
 
-    fn id_label(&self) -> &'static str {
-        "conn"
+    fn terms(&self) -> &'static Terms {
+        &TERMS
     }
 
     fn start(
@@ -114,10 +127,13 @@ impl Model for ThreadModel {
         let id = self.next_id;
         self.next_id += 1;
         let s = &self.slots[slot as usize];
+        s.id.store(id, Ordering::Relaxed);
+        s.stopped.store(0, Ordering::Relaxed);
         s.bytes
             .store(std::ptr::from_ref(bytes).cast_mut(), Ordering::Relaxed);
-        // Uninitialised: no page of it is touched before data arrives.
-        *lock(&s.buffer) = Some(Box::new_uninit_slice(self.buffer));
+        // Uninitialised: no page of it is touched before data arrives. A
+        // buffer that cannot be had fails this connection, not the process.
+        *lock(&s.buffer) = Some(try_buffer(self.buffer)?);
         // The thread will own the descriptor, and close it (see `serve`).
         let fd = conn.into_raw_fd();
         *lock(&s.socket) = fd;
@@ -132,7 +148,7 @@ impl Model for ThreadModel {
         Ok(id)
     }
 
-    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u32, How)) {
+    fn collect(&mut self, why: Collect, ended: &mut dyn FnMut(u64, How)) {
         // Ends are wanted at once when waiting for room, when each is logged,
         // and when systemd shows live counts (STATUS=).
         let urgent = why == Collect::NeedRoom
@@ -141,22 +157,27 @@ impl Model for ThreadModel {
         self.hub.wake_on_end.store(urgent, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         std::mem::swap(&mut *lock(&self.hub.ends), &mut self.taken);
-        for (slot, how, buffer) in self.taken.drain(..) {
+        for (id, how, buffer) in self.taken.drain(..) {
             drop(buffer);
-            ended(slot, how);
+            ended(id, how);
         }
     }
 
-    fn stop(&mut self, how: Stop, targets: &mut dyn Iterator<Item = (u32, u64)>) {
-        let how = match how {
-            Stop::Terminate => Shutdown::Read,
-            Stop::Kill => Shutdown::Both,
+    fn stop(&mut self, how: Stop, conns: &mut dyn Iterator<Item = (u32, u64)>) {
+        let (mark, shut) = match how {
+            Stop::Terminate => (1, Shutdown::Read),
+            Stop::Kill => (2, Shutdown::Both),
         };
-        for (slot, _) in targets {
-            let fd = lock(&self.slots[slot as usize].socket);
+        for (slot, _) in conns {
+            let Some(s) = self.slots.get(slot as usize) else {
+                continue;
+            };
+            let fd = lock(&s.socket);
             if *fd >= 0 {
-                // The thread cannot close the socket while we hold its lock.
-                let _ = shutdown(*fd, how);
+                // The thread cannot close the socket while we hold its lock,
+                // and reads `stopped` only after closing it.
+                s.stopped.store(mark, Ordering::Relaxed);
+                let _ = shutdown(*fd, shut);
             }
         }
     }
@@ -170,25 +191,33 @@ fn serve(s: &'static Slot) {
     // below, under the lock.
     let mut sock = TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut buffer = lock(&s.buffer).take();
+    // SAFETY: `start` stored the slot's byte counter, which lives until exit.
+    let unused = AtomicU64::new(0);
+    let bytes = unsafe { s.bytes.load(Ordering::Relaxed).as_ref() }.unwrap_or(&unused);
     let outcome = match buffer.as_deref_mut() {
-        Some(buf) => panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf))).ok(),
+        Some(buf) => {
+            panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, bytes))).ok()
+        }
         None => None,
     }
     .unwrap_or(echo::Outcome {
         bytes: 0,
         end: echo::End::Error(0),
     });
-    // SAFETY: `start` stored the slot's scoreboard counter, which lives until exit.
-    if let Some(bytes) = unsafe { s.bytes.load(Ordering::Relaxed).as_ref() } {
-        bytes.store(outcome.bytes, Ordering::Relaxed);
-    }
-    {
+    let stopped = {
         let mut fd = lock(&s.socket);
         *fd = -1;
         drop(sock);
-    }
+        s.stopped.load(Ordering::Relaxed)
+    };
+    let how = match stopped {
+        1 => How::ShutDown(Stop::Terminate, outcome.end),
+        2 => How::ShutDown(Stop::Kill, outcome.end),
+        _ => How::Returned(outcome.end),
+    };
+    let id = s.id.load(Ordering::Relaxed);
     // The list has room for every slot: no allocation here.
-    lock(&s.hub.ends).push((s.index, How::Returned(outcome.end), buffer));
+    lock(&s.hub.ends).push((id, how, buffer));
     // Pairs with the fence in `collect`: either this thread sees the flag,
     // or the dispatcher sees the end.
     fence(Ordering::SeqCst);
@@ -230,6 +259,16 @@ fn spawn(stack: usize, slot: &'static Slot) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// An uninitialised echo buffer, or ENOMEM (never an abort) when memory is short.
+fn try_buffer(len: usize) -> io::Result<Buffer> {
+    let mut v: Vec<MaybeUninit<u8>> = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: the capacity is `len`, and MaybeUninit needs no initialisation.
+    unsafe { v.set_len(len) };
+    Ok(v.into_boxed_slice())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,0 +1,198 @@
+//! The dispatcher's log lines, one helper per event (as tcpserver's
+//! `log_accept`, `log_close`...): what each event says, at which level,
+//! lives here and nowhere else.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use crate::model::{How, Terms};
+
+/// "1 connection", "2 connections".
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// At most one line a second about one kind of trouble, with a count of the rest.
+#[derive(Default)]
+pub struct Throttle {
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// Some(lines suppressed since the last one) if a line may be written now.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.next.is_some_and(|n| now < n) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + Duration::from_secs(1));
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+fn more(suppressed: u64) -> String {
+    if suppressed == 0 {
+        String::new()
+    } else {
+        format!(" ({suppressed} more since the last report)")
+    }
+}
+
+pub fn started(terms: &Terms, id: u64, peer: SocketAddr) {
+    debug!("start {} {id} for {peer}", terms.id);
+}
+
+pub fn refused_per_ip(peer: SocketAddr, limit: u32, suppressed: u64) {
+    warn!(
+        "refused {peer}: {} has {} already (--max-per-ip){}",
+        peer.ip(),
+        count(limit, "connection"),
+        more(suppressed)
+    );
+}
+
+pub fn cannot_serve(peer: SocketAddr, why: &str, pause: Duration, suppressed: u64) {
+    warn!(
+        "cannot serve {peer}: {why} - connection closed, pausing {}ms{}",
+        pause.as_millis(),
+        more(suppressed)
+    );
+}
+
+pub fn accept_short(listener: &str, why: &str, pause: Duration, suppressed: u64) {
+    warn!(
+        "accept on {listener}: {why} - pausing {}ms{}",
+        pause.as_millis(),
+        more(suppressed)
+    );
+}
+
+pub fn accept_failed(listener: &str, why: &str) {
+    error!("accept on {listener}: {why}");
+}
+
+/// A connection ended: one line, at info if it ended normally.
+pub fn end(terms: &Terms, id: u64, peer: SocketAddr, how: How, bytes: u64, took: Duration) {
+    let level = if how.is_normal() {
+        log::Level::Info
+    } else {
+        log::Level::Warn
+    };
+    log::log!(
+        level,
+        "end {} {id} {peer}: {how}, {} echoed in {:.3}s",
+        terms.id,
+        count(bytes, "byte"),
+        took.as_secs_f64()
+    );
+}
+
+pub fn at_cap(max: usize) {
+    warn!(
+        "at the cap of {}: accepting paused (new clients wait in the backlog)",
+        count(max as u64, "connection")
+    );
+}
+
+pub fn below_cap() {
+    info!("below the cap again: accepting");
+}
+
+/// The status line: asked for explicitly (SIGUSR1, SIGHUP), so written
+/// whatever the log level.
+pub fn status(line: &str) {
+    let level = log::max_level();
+    if level < log::LevelFilter::Info {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    info!("{line}");
+    log::set_max_level(level);
+}
+
+pub fn stopping(active: usize, grace: Duration) {
+    info!(
+        "stopping: no new connections; {} may finish within {}",
+        count(active as u64, "active connection"),
+        humantime::format_duration(grace)
+    );
+}
+
+pub fn cpu_limit() {
+    warn!("SIGXCPU: the CPU time limit is reached; stopping");
+}
+
+pub fn second_stop() {
+    info!("second stop signal: ending connections now");
+}
+
+pub fn quit(terms: &Terms, active: usize) {
+    info!(
+        "SIGQUIT: {} {} and exiting",
+        terms.kill,
+        count(active as u64, "connection")
+    );
+}
+
+pub fn grace_over(terms: &Terms, live: usize) {
+    info!(
+        "grace period over: {} {}",
+        terms.terminate,
+        count(live as u64, "connection")
+    );
+}
+
+pub fn still_open(terms: &Terms, live: usize) {
+    warn!(
+        "{} {} still open",
+        terms.kill,
+        count(live as u64, "connection")
+    );
+}
+
+pub fn gave_up(live: usize) {
+    error!(
+        "{} did not end when forced; exiting anyway",
+        count(live as u64, "connection")
+    );
+}
+
+pub fn ignored(names: &[String], suppressed: u64) {
+    info!(
+        "ignored {}: forkd gives {} no meaning{}",
+        names.join(", "),
+        if names.len() == 1 { "it" } else { "them" },
+        more(suppressed)
+    );
+}
+
+/// The last line: what forkd did.
+pub fn stopped(terms: &Terms, served: u64, ended: u64, forced: u64, refused: u64) {
+    info!(
+        "stopped: {} served, {} ended ({} {}), {} refused by --max-per-ip",
+        count(served, "connection"),
+        ended,
+        forced,
+        terms.forced,
+        refused
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_as_english() {
+        assert_eq!(count(1u64, "connection"), "1 connection");
+        assert_eq!(count(0u64, "connection"), "0 connections");
+        assert_eq!(count(35u64, "byte"), "35 bytes");
+    }
+}
