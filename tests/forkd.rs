@@ -619,6 +619,76 @@ fn bad_arguments_exit_64_with_one_line() {
     );
 }
 
+/// A sysctl's number, from /proc/sys (`kernel.pid_max`).
+fn sysctl(name: &str) -> Option<u64> {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Limits the host cannot honour are refused at start with the reason,
+/// before any table is sized by them: `-c 100000000 --mode thread` used to
+/// grow past 3 GiB before listening, and `--thread-stack 100GiB` announced
+/// itself ready, then refused every connection.
+#[test]
+fn limits_the_host_cannot_honour_are_refused_at_start() {
+    // One connection more than the kernel has pids or tasks for, in each mode.
+    let tasks = ["kernel.pid_max", "kernel.threads-max"]
+        .iter()
+        .filter_map(|n| sysctl(n))
+        .min()
+        .expect("kernel.pid_max readable");
+    let over = tasks.to_string();
+    for mode in ["fork", "thread"] {
+        let args = [
+            "-l",
+            "127.0.0.1:0",
+            "--log",
+            "stderr",
+            "--mode",
+            mode,
+            "-c",
+            &over,
+        ];
+        let run = forkd_run(&args);
+        assert!(
+            run.stderr.contains("kernel.") || run.stderr.contains("any Linux host"),
+            "{mode}: the refusal should give the reason: {}",
+            run.stderr
+        );
+        check_run(run, &args, 64, "--max-conns");
+    }
+
+    // A stack the address space cannot hold (RLIMIT_AS 512 MiB): forkd
+    // creates one thread with it at start, and refuses with the kernel's reason.
+    let args = ["-l", "127.0.0.1:0", "--log", "stderr", "--mode", "thread"];
+    let args = [&args[..], &["--thread-stack", "1GiB"]].concat();
+    let mut cmd = Command::new(FORKD);
+    cmd.args(&args);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only setrlimit(2), which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 512 << 20,
+                    rlim_max: 512 << 20,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    check_run(
+        run_with_deadline(cmd, LONG),
+        &args,
+        64,
+        "--thread-stack 1073741824 bytes: cannot create a thread",
+    );
+}
+
 #[test]
 fn unavailable_addresses_and_unknown_users_have_their_own_codes() {
     // Busy: a listener already holds the port.
