@@ -120,8 +120,12 @@ impl Listener {
     /// accepts, so setting them here once spares every connection two
     /// setsockopt calls.
     pub fn set_idle_timeout(&self, idle: Option<std::time::Duration>) -> Result<(), Error> {
+        // `--idle-timeout` is at most ten years (cli::MAX_DURATION), so the
+        // seconds fit a time_t; saturate anyway rather than wrap negative.
         let tv = nix::sys::time::TimeVal::from(libc::timeval {
-            tv_sec: idle.map_or(0, |d| d.as_secs() as libc::time_t),
+            tv_sec: idle.map_or(0, |d| {
+                libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX)
+            }),
             tv_usec: idle.map_or(0, |d| d.subsec_micros() as libc::suseconds_t),
         });
         let what = || format!("cannot set the idle timeout on {}", self.name);

@@ -619,6 +619,54 @@ fn bad_arguments_exit_64_with_one_line() {
     );
 }
 
+/// Durations and sizes that cannot work are refused at start, naming the
+/// option: `--grace 18446744073709551615s` used to be accepted and then
+/// panicked at SIGTERM (Instant overflow), and the same `--idle-timeout`
+/// reached the kernel as a negative SO_RCVTIMEO.
+#[test]
+fn durations_and_sizes_that_cannot_work_exit_64_naming_the_option() {
+    let cases = [
+        ("--grace", "18446744073709551615s"),
+        ("--grace", "300000000000years"),
+        ("--grace", "11years"),
+        ("--idle-timeout", "18446744073709551615s"),
+        ("--idle-timeout", "300000000000years"),
+        ("--idle-timeout", "1ns"),
+        ("--thread-stack", "100GiB"),
+        ("--thread-stack", "18446744073709551616"),
+        ("--buffer", "100GiB"),
+        ("--max-conns", "18446744073709551615"),
+        ("--max-conns", "100000000"),
+        ("--backlog", "4294967296"),
+        ("--max-per-ip", "4294967296"),
+    ];
+    for (option, value) in cases {
+        let args = ["-l", "127.0.0.1:0", "--log", "stderr", option, value];
+        check_error(&args, 64, option);
+    }
+}
+
+/// The longest durations accepted work: forkd serves, and stops at once on
+/// SIGTERM with no connection open, exit 0, no panic.
+#[test]
+fn the_longest_durations_accepted_still_stop_cleanly() {
+    for mode in ["fork", "thread"] {
+        let args = [
+            "--mode",
+            mode,
+            "--grace",
+            "10years",
+            "--idle-timeout",
+            "10years",
+        ];
+        let mut f = Forkd::start(&args);
+        let data = pattern(1000, 12);
+        assert_eq!(roundtrip(f.addr(), &data), data);
+        f.signal(libc::SIGTERM);
+        f.expect_clean_exit(LONG);
+    }
+}
+
 /// A sysctl's number, from /proc/sys (`kernel.pid_max`).
 fn sysctl(name: &str) -> Option<u64> {
     let path = format!("/proc/sys/{}", name.replace('.', "/"));
