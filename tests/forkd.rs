@@ -767,6 +767,30 @@ fn unavailable_addresses_and_unknown_users_have_their_own_codes() {
     );
 }
 
+/// Addresses no socket of this host can serve exit 69, as the README's
+/// table says, not 71: an interface index that does not exist, and an
+/// IPv4-mapped IPv6 address (IPv6 listeners are V6ONLY).
+#[test]
+fn a_missing_interface_and_a_mapped_address_exit_69() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 on this host: nothing to check");
+        return;
+    }
+    let taken = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("ifindex")).is_ok_and(|i| i.trim() == "999")
+        });
+    if !taken {
+        let args = ["-l", "[fe80::1%999]:0", "--log", "stderr"];
+        check_error(&args, 69, "[fe80::1%999]:0");
+    }
+    let args = ["-l", "[::ffff:127.0.0.1]:0", "--log", "stderr"];
+    check_error(&args, 69, "listen on 127.0.0.1:0 instead");
+}
+
 #[test]
 fn a_privileged_port_without_permission_exits_77() {
     let unprivileged_start: u32 =
