@@ -438,6 +438,29 @@ fn privileges_drop_after_binding_a_privileged_port() {
     );
 }
 
+/// After `--user`, neither the dispatcher nor a connection's child can gain
+/// privilege again: `NoNewPrivs` 1 (a setuid program runs without its
+/// privilege) and an empty capability bounding set (so does a file
+/// capability), every other capability set empty too.
+#[test]
+fn after_user_no_new_privileges_and_an_empty_bounding_set() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let mut f = Forkd::start(&["--user", "nobody"]);
+    let mut s = connect(f.addr());
+    ping(&mut s, b"unprivileged");
+    let one = "1".to_string();
+    f.check_dispatcher_and_child("NoNewPrivs", |pid| status_field(pid, "NoNewPrivs"), &one);
+    let none = "0000000000000000".to_string();
+    f.check_dispatcher_and_child("CapBnd", |pid| status_field(pid, "CapBnd"), &none);
+    f.check_dispatcher_and_child("capabilities", capabilities, &vec![none; 4]);
+    drop(s);
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(Duration::from_secs(15));
+}
+
 #[test]
 fn unknown_user_is_a_documented_error() {
     let out = Command::new(FORKD)
