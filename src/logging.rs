@@ -48,7 +48,8 @@
 //! if another writer fills the pipe between the two calls, or a terminal has
 //! room for part of the line. Each line is one write of at most PIPE_BUF
 //! bytes, so a pipe takes it whole or not at all, and lines of different
-//! processes never interleave.
+//! processes never interleave. A terminal or a socket may take only part of
+//! a line when nearly full; the rest is lost with the lines after it.
 //!
 //! The syslog connection is forkd's own socket, so it is simply made
 //! non-blocking: a datagram that does not fit the daemon's queue is dropped.
