@@ -3,6 +3,14 @@
 //! Parsing is the only thing done here; each option's behaviour lives in the
 //! module that owns it. Durations read like `10s`, `500ms`, `5m`; sizes like
 //! `64KiB`, `1MiB`, `16384`.
+//!
+//! Every value is checked here against what it will meet later, so that a
+//! value that cannot work is a usage error at start rather than a panic or
+//! a surprise hours later: durations are at most [`MAX_DURATION`], a
+//! non-zero `--idle-timeout` at least [`MIN_TIMEOUT`], `--thread-stack` at
+//! most [`MAX_STACK`], `--max-conns` at most [`MAX_CONNS`]. What depends on
+//! the host (pid_max, a stack that cannot be mapped) is checked by
+//! [`crate::limits::check_start`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,7 +75,7 @@ pub struct Config {
     pub reap: ReapMode,
 
     /// Most connections served at once; at the cap forkd stops accepting until one ends.
-    #[arg(short = 'c', long = "max-conns", value_name = "N", default_value_t = 1024, value_parser = parse_count)]
+    #[arg(short = 'c', long = "max-conns", value_name = "N", default_value_t = 1024, value_parser = parse_conns)]
     pub max_conns: usize,
 
     /// Most connections at once from one source address (0: no limit).
@@ -75,7 +83,7 @@ pub struct Config {
     pub max_per_ip: u32,
 
     /// Close a connection with no progress in either direction for this long (0: never).
-    #[arg(long = "idle-timeout", value_name = "DUR", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long = "idle-timeout", value_name = "DUR", default_value = "300s", value_parser = parse_timeout)]
     pub idle_timeout: Duration,
 
     /// On SIGTERM/SIGINT, how long connections may finish before they are ended.
@@ -83,7 +91,7 @@ pub struct Config {
     pub grace: Duration,
 
     /// Stack size of each connection thread (thread mode).
-    #[arg(long = "thread-stack", value_name = "SIZE", default_value = "64KiB", value_parser = parse_bytes)]
+    #[arg(long = "thread-stack", value_name = "SIZE", default_value = "64KiB", value_parser = parse_stack)]
     pub thread_stack: usize,
 
     /// Size of each connection's echo buffer.
@@ -216,11 +224,51 @@ fn first_line(text: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(line).to_string()
 }
 
+/// The longest duration any option takes: ten years (as humantime counts
+/// them, 365.25 days each). The dispatcher adds `--grace` to the monotonic
+/// clock, which panics on overflow (`18446744073709551615s`), and
+/// `--idle-timeout` goes to the kernel as a `timeval` (SO_RCVTIMEO), whose
+/// seconds are a `time_t`: 2^63 s and more would arrive negative. Ten years
+/// is far beyond any useful value and far inside both, even with a 32-bit
+/// `time_t`.
+pub const MAX_DURATION: Duration = Duration::from_secs(315_576_000);
+
+/// The shortest non-zero `--idle-timeout`: below a microsecond the timeval
+/// the kernel gets would be zero, which means no timeout at all.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// The largest `--thread-stack`: 1 GiB, 128 times glibc's default 8 MiB.
+/// Whether the host can map it is checked at start as well.
+pub const MAX_STACK: usize = 1 << 30;
+
+/// The largest `--max-conns`: Linux's PID_MAX_LIMIT on 64-bit systems. Every
+/// connection is a process or a thread, and each needs a pid, so no host
+/// can run more; the host's own kernel.pid_max is checked at start as well.
+pub const MAX_CONNS: usize = 1 << 22;
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 5m)"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 500ms, 5m)"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "too long (at most {})",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !d.is_zero() && d < MIN_TIMEOUT {
+        return Err(format!(
+            "too short (0 for none, or at least {})",
+            humantime::format_duration(MIN_TIMEOUT)
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_bytes(s: &str) -> Result<usize, String> {
@@ -228,9 +276,19 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
     usize::try_from(n).map_err(|_| "too large".to_string())
 }
 
-fn parse_count(s: &str) -> Result<usize, String> {
+fn parse_stack(s: &str) -> Result<usize, String> {
+    match parse_bytes(s)? {
+        n if n > MAX_STACK => Err("too large (at most 1GiB)".to_string()),
+        n => Ok(n),
+    }
+}
+
+fn parse_conns(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) if n > MAX_CONNS => Err(format!(
+            "more than any Linux host can run at once (at most {MAX_CONNS})"
+        )),
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
@@ -284,5 +342,39 @@ mod tests {
         assert_eq!(c.grace, Duration::from_millis(1500));
         assert_eq!(c.idle(), None);
         assert_eq!(c.level(), log::LevelFilter::Error);
+    }
+
+    #[test]
+    fn bounds_are_inclusive_and_named() {
+        let ok = Config::from_args([
+            "forkd",
+            "--grace",
+            "10years",
+            "--idle-timeout",
+            "1ms",
+            "--thread-stack",
+            "1GiB",
+            "-c",
+            "4194304",
+        ])
+        .unwrap();
+        assert_eq!(ok.grace, MAX_DURATION);
+        assert_eq!(ok.idle_timeout, MIN_TIMEOUT);
+        assert_eq!(ok.thread_stack, MAX_STACK);
+        assert_eq!(ok.max_conns, MAX_CONNS);
+        for (option, value) in [
+            ("--grace", "3653days"),
+            ("--idle-timeout", "999us"),
+            ("--thread-stack", "1025MiB"),
+            ("-c", "4194305"),
+        ] {
+            match Config::from_args(["forkd", option, value]) {
+                Err(ParseOutcome::Error(e)) => {
+                    assert_eq!(e.code, crate::error::EXIT_USAGE);
+                    assert!(e.message.contains(value), "{}", e.message);
+                }
+                other => panic!("{option} {value} accepted: {other:?}"),
+            }
+        }
     }
 }

@@ -87,6 +87,10 @@ pub fn main() -> ExitCode {
 }
 
 fn fail(e: &error::Error) -> ExitCode {
-    eprintln!("forkd: error: {e}");
+    // Not eprintln!, which panics when the write fails: stderr may be
+    // forkd's own non-blocking description of a pipe nobody reads
+    // (see logging), and the documented exit code matters more.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "forkd: error: {e}");
     ExitCode::from(e.code)
 }

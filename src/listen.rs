@@ -10,11 +10,12 @@ use std::mem;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use nix::errno::Errno;
 use nix::sys::socket::{
     self, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, sockopt,
 };
 
-use crate::error::Error;
+use crate::error::{EXIT_UNAVAILABLE, Error};
 
 /// One listening socket and how to name it in logs.
 #[derive(Debug)]
@@ -48,7 +49,7 @@ impl Listener {
                 .map_err(|e| Error::os(what("set IPV6_V6ONLY on"), e))?;
         }
         socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
-            .map_err(|e| Error::os(what("bind"), e))?;
+            .map_err(|e| bind_error(addr, e))?;
         let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
         socket::listen(&fd, backlog).map_err(|e| Error::os(what("listen on"), e))?;
         let addr = local_addr(fd.as_raw_fd()).map_err(|e| Error::os(what("read back"), e))?;
@@ -120,8 +121,12 @@ impl Listener {
     /// accepts, so setting them here once spares every connection two
     /// setsockopt calls.
     pub fn set_idle_timeout(&self, idle: Option<std::time::Duration>) -> Result<(), Error> {
+        // `--idle-timeout` is at most ten years (cli::MAX_DURATION), so the
+        // seconds fit a time_t; saturate anyway rather than wrap negative.
         let tv = nix::sys::time::TimeVal::from(libc::timeval {
-            tv_sec: idle.map_or(0, |d| d.as_secs() as libc::time_t),
+            tv_sec: idle.map_or(0, |d| {
+                libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX)
+            }),
             tv_usec: idle.map_or(0, |d| d.subsec_micros() as libc::suseconds_t),
         });
         let what = || format!("cannot set the idle timeout on {}", self.name);
@@ -135,6 +140,30 @@ impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// A failed bind: every address this host cannot serve exits
+/// [`EXIT_UNAVAILABLE`], whatever errno says so. Besides EADDRINUSE and
+/// EADDRNOTAVAIL, the kernel answers ENODEV for a scope naming no interface
+/// (`[fe80::1%999]:0`) and EINVAL for an IPv4-mapped IPv6 address on a
+/// V6ONLY socket (`[::ffff:127.0.0.1]:P`, served as `127.0.0.1:P`) or a
+/// link-local address without a scope.
+fn bind_error(addr: SocketAddr, e: Errno) -> Error {
+    let mut err = Error::os(format!("cannot bind {addr}"), e);
+    if matches!(e, Errno::ENODEV | Errno::EINVAL) {
+        err.code = EXIT_UNAVAILABLE;
+    }
+    if let SocketAddr::V6(v6) = addr {
+        if let Some(v4) = v6.ip().to_ipv4_mapped() {
+            err.message += &format!(
+                " (an IPv4-mapped address: listen on {v4}:{} instead)",
+                v6.port()
+            );
+        } else if e == Errno::ENODEV {
+            err.message += &format!(" (no network interface has index {})", v6.scope_id());
+        }
+    }
+    err
 }
 
 fn local_addr(fd: RawFd) -> nix::Result<SocketAddr> {

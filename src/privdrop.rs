@@ -2,10 +2,14 @@
 //! are bound (so port 7 can be bound as root) and before the first accept,
 //! so the dispatcher and every child run unprivileged.
 //!
-//! Order matters: supplementary groups first, then the gid, then the uid
-//! (after setuid the process could no longer change its groups). A drop
-//! that does not stick is an error, not a warning.
+//! Order matters: the capability bounding set first (emptying it needs
+//! CAP_SETPCAP, which root loses at setuid), then supplementary groups, the
+//! gid, the uid (after setuid the process could no longer change its
+//! groups), and last `PR_SET_NO_NEW_PRIVS`: no execve by forkd or a
+//! compromised child can gain privilege again, through a setuid program or
+//! file capabilities. A drop that does not stick is an error, not a warning.
 
+use nix::sys::prctl::set_no_new_privs;
 use nix::unistd::{Gid, Group, Uid, User, setgid, setgroups, setuid};
 
 use crate::error::{EXIT_NOPERM, EXIT_NOUSER, Error};
@@ -46,6 +50,7 @@ pub fn drop_to(id: &Identity) -> Result<(), Error> {
         err.code = EXIT_NOPERM;
         err
     };
+    clear_bounding_set().map_err(|e| fail("clearing the capability bounding set", e))?;
     setgroups(&[]).map_err(|e| fail("setgroups", e))?;
     setgid(id.gid).map_err(|e| fail("setgid", e))?;
     setuid(id.uid).map_err(|e| fail("setuid", e))?;
@@ -55,7 +60,41 @@ pub fn drop_to(id: &Identity) -> Result<(), Error> {
             format!("dropping privileges to {} did not stick", id.name),
         ));
     }
+    // setuid away from root empties the permitted, effective and ambient
+    // sets, but not the inheritable one.
+    if id.uid.as_raw() != 0 {
+        drop_capabilities()?;
+    }
+    set_no_new_privs().map_err(|e| fail("PR_SET_NO_NEW_PRIVS", e))
+}
+
+/// Empty the capability bounding set, so that no execve can give the
+/// process a capability again (a file capability, a setuid-root program).
+/// Each capability up to the kernel's last is dropped unless already out;
+/// dropping needs CAP_SETPCAP (EPERM without it).
+fn clear_bounding_set() -> nix::Result<()> {
+    for cap in 0..=last_capability() {
+        // SAFETY: prctl(PR_CAPBSET_READ/DROP, cap) takes no pointers.
+        let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) };
+        if present < 0 {
+            // EINVAL: past the kernel's last capability.
+            break;
+        }
+        // SAFETY: as above.
+        if present == 1 && unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            return Err(nix::errno::Errno::last());
+        }
+    }
     Ok(())
+}
+
+/// The kernel's highest capability number (/proc/sys/kernel/cap_last_cap);
+/// 63 when unreadable, where [`clear_bounding_set`] stops at the first EINVAL.
+fn last_capability() -> libc::c_ulong {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
 }
 
 /// Give up every capability the process holds (permitted, effective,

@@ -30,6 +30,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
     if config.inetd {
         return inetd::serve(config.buffer, config.idle());
     }
+    limits::check_start(&config)?;
     // Resolve names before binding, so a typo fails before anything happens.
     let identity = match &config.user {
         Some(user) => Some(privdrop::resolve(user, config.group.as_deref())?),

@@ -7,7 +7,14 @@
 //!
 //! Notifications are sent here rather than by `sd_notify::notify`, which
 //! only knows file-system sockets: `NOTIFY_SOCKET` may also name an abstract
-//! one (`@name`, sd_notify(3)), as container managers and tests use.
+//! one (`@name`, sd_notify(3)), as container managers and tests use; and
+//! which sends blocking. A datagram send blocks while the receiver's queue
+//! is full (`net.unix.max_dgram_qlen`, often 10 or 512), so a service
+//! manager that stops reading would stop the dispatcher. Here every send is
+//! non-blocking: an update that does not fit is dropped and counted (see
+//! [`dropped_notifications`]), the first drop of an episode is logged, and
+//! so is the count once a send gets through again. Status updates describe
+//! the present, so the next one replaces what was dropped.
 
 use std::ffi::OsStr;
 use std::io;
@@ -15,6 +22,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sd_notify::NotifyState;
 
@@ -36,18 +44,52 @@ pub fn stopping(status: &str) {
     notify(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
-/// Send one datagram of `STATE=value` lines to `NOTIFY_SOCKET`, if set.
-/// Failures are ignored: nobody listening must not stop forkd.
+/// Notifications dropped because `NOTIFY_SOCKET`'s queue was full.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Drops since the last send that got through (logged when one does).
+static DROPPED_RUN: AtomicU64 = AtomicU64::new(0);
+
+/// How many notifications were dropped because the service manager's
+/// socket was full (for the stop summary).
+pub fn dropped_notifications() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Send one datagram of `STATE=value` lines to `NOTIFY_SOCKET`, if set,
+/// without ever blocking. Nobody listening must not stop forkd, nor must a
+/// listener that stopped reading: a full queue drops the update.
 fn notify(states: &[NotifyState]) {
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
     let message: String = states.iter().map(|s| format!("{s}\n")).collect();
-    let _ = send(&target, message.as_bytes());
+    match send(&target, message.as_bytes()) {
+        Ok(()) => {
+            let dropped = DROPPED_RUN.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                log::info!(
+                    "NOTIFY_SOCKET drains again: {dropped} notifications were dropped while it was full"
+                );
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            if DROPPED_RUN.fetch_add(1, Ordering::Relaxed) == 0 {
+                log::warn!(
+                    "NOTIFY_SOCKET is full (the service manager is not reading): dropping notifications until it drains"
+                );
+            }
+        }
+        // Nobody listening (ECONNREFUSED, ENOENT): nothing to tell.
+        Err(_) => {}
+    }
 }
 
 fn send(target: &OsStr, message: &[u8]) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
+    // This socket is forkd's own, made for this one message: non-blocking
+    // affects nobody else. A full receiver queue gives EAGAIN.
+    sock.set_nonblocking(true)?;
     match target.as_bytes().strip_prefix(b"@") {
         Some(name) => sock.connect_addr(&SocketAddr::from_abstract_name(name)?)?,
         None => sock.connect(target)?,

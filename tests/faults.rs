@@ -438,6 +438,29 @@ fn privileges_drop_after_binding_a_privileged_port() {
     );
 }
 
+/// After `--user`, neither the dispatcher nor a connection's child can gain
+/// privilege again: `NoNewPrivs` 1 (a setuid program runs without its
+/// privilege) and an empty capability bounding set (so does a file
+/// capability), every other capability set empty too.
+#[test]
+fn after_user_no_new_privileges_and_an_empty_bounding_set() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let mut f = Forkd::start(&["--user", "nobody"]);
+    let mut s = connect(f.addr());
+    ping(&mut s, b"unprivileged");
+    let one = "1".to_string();
+    f.check_dispatcher_and_child("NoNewPrivs", |pid| status_field(pid, "NoNewPrivs"), &one);
+    let none = "0000000000000000".to_string();
+    f.check_dispatcher_and_child("CapBnd", |pid| status_field(pid, "CapBnd"), &none);
+    f.check_dispatcher_and_child("capabilities", capabilities, &vec![none; 4]);
+    drop(s);
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(Duration::from_secs(15));
+}
+
 #[test]
 fn unknown_user_is_a_documented_error() {
     let out = Command::new(FORKD)
@@ -526,4 +549,146 @@ fn a_capability_granted_for_bind_is_dropped_after_binding() {
     ping(&mut s, b"no caps");
     let none = vec!["0000000000000000".to_string(); 4];
     f.check_dispatcher_and_child("capabilities", capabilities, &none);
+}
+
+/// A forkd whose stderr is a pipe nobody reads (the read end kept open, so
+/// its writes would wait, not fail), killed on drop.
+struct UnreadStderr {
+    child: std::process::Child,
+    stderr: Option<std::process::ChildStderr>,
+    addr: std::net::SocketAddr,
+}
+
+impl UnreadStderr {
+    fn start(args: &[&str]) -> UnreadStderr {
+        let mut child = Command::new(FORKD)
+            .args(["--print-addr", "--log", "stderr", "-l", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn forkd");
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let addr = text
+            .lines()
+            .find_map(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("forkd {args:?} printed no address"));
+        let stderr = child.stderr.take();
+        UnreadStderr {
+            child,
+            stderr,
+            addr,
+        }
+    }
+
+    /// Bytes waiting in the pipe.
+    fn unread(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(self.stderr.as_ref().unwrap());
+        // SAFETY: FIONREAD stores an int into `n`.
+        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+        n as usize
+    }
+
+    /// Start reading the pipe at last; everything read lands in the result.
+    fn read_from_now(&mut self) -> Arc<std::sync::Mutex<String>> {
+        let text = Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = Arc::clone(&text);
+        let mut stderr = self.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        text
+    }
+}
+
+impl Drop for UnreadStderr {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A log reader that stops reading cannot stop forkd: with stderr a pipe
+/// nobody drains, 2,100 connections (about 500 used to fill the pipe and
+/// hang the dispatcher in a write, deaf to SIGTERM) are all served; once
+/// the pipe is read again the dropped lines are counted; SIGTERM stops
+/// forkd with exit 0. In fork mode with `-v` the children log too, and
+/// must not hang either.
+fn a_log_reader_that_stops_reading(args: &[&str]) {
+    let mut f = UnreadStderr::start(args);
+    let start = Instant::now();
+    for i in 0..2100u64 {
+        let data = pattern(64, i);
+        assert!(
+            roundtrip(f.addr, &data) == data,
+            "{args:?}: connection {i} not echoed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{args:?}: only {i} connections in 120 s"
+        );
+    }
+    let unread = f.unread();
+    assert!(
+        unread >= 32 << 10,
+        "{args:?}: the pipe should be full, holds {unread} bytes"
+    );
+    // The reader reads again: the next line tells what was lost.
+    let text = f.read_from_now();
+    let data = pattern(64, 9999);
+    assert!(roundtrip(f.addr, &data) == data, "{args:?}: not served");
+    let told = wait_until(Duration::from_secs(10), || {
+        text.lock().unwrap().contains("log lines dropped")
+    });
+    assert!(
+        told,
+        "{args:?}: no count of dropped lines once the pipe drained"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(f.child.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = f.child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() >= end {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        status.is_some_and(|s| s.code() == Some(0)),
+        "{args:?}: SIGTERM gave {status:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || text
+            .lock()
+            .unwrap()
+            .contains("stopped: ")),
+        "{args:?}: no summary line"
+    );
+}
+
+#[test]
+fn a_log_reader_that_stops_reading_cannot_stop_forkd_fork() {
+    a_log_reader_that_stops_reading(&["--mode", "fork", "-v"]);
+}
+
+#[test]
+fn a_log_reader_that_stops_reading_cannot_stop_forkd_thread() {
+    a_log_reader_that_stops_reading(&["--mode", "thread"]);
 }

@@ -619,6 +619,124 @@ fn bad_arguments_exit_64_with_one_line() {
     );
 }
 
+/// Durations and sizes that cannot work are refused at start, naming the
+/// option: `--grace 18446744073709551615s` used to be accepted and then
+/// panicked at SIGTERM (Instant overflow), and the same `--idle-timeout`
+/// reached the kernel as a negative SO_RCVTIMEO.
+#[test]
+fn durations_and_sizes_that_cannot_work_exit_64_naming_the_option() {
+    let cases = [
+        ("--grace", "18446744073709551615s"),
+        ("--grace", "300000000000years"),
+        ("--grace", "11years"),
+        ("--idle-timeout", "18446744073709551615s"),
+        ("--idle-timeout", "300000000000years"),
+        ("--idle-timeout", "1ns"),
+        ("--thread-stack", "100GiB"),
+        ("--thread-stack", "18446744073709551616"),
+        ("--buffer", "100GiB"),
+        ("--max-conns", "18446744073709551615"),
+        ("--max-conns", "100000000"),
+        ("--backlog", "4294967296"),
+        ("--max-per-ip", "4294967296"),
+    ];
+    for (option, value) in cases {
+        let args = ["-l", "127.0.0.1:0", "--log", "stderr", option, value];
+        check_error(&args, 64, option);
+    }
+}
+
+/// The longest durations accepted work: forkd serves, and stops at once on
+/// SIGTERM with no connection open, exit 0, no panic.
+#[test]
+fn the_longest_durations_accepted_still_stop_cleanly() {
+    for mode in ["fork", "thread"] {
+        let args = [
+            "--mode",
+            mode,
+            "--grace",
+            "10years",
+            "--idle-timeout",
+            "10years",
+        ];
+        let mut f = Forkd::start(&args);
+        let data = pattern(1000, 12);
+        assert_eq!(roundtrip(f.addr(), &data), data);
+        f.signal(libc::SIGTERM);
+        f.expect_clean_exit(LONG);
+    }
+}
+
+/// A sysctl's number, from /proc/sys (`kernel.pid_max`).
+fn sysctl(name: &str) -> Option<u64> {
+    let path = format!("/proc/sys/{}", name.replace('.', "/"));
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Limits the host cannot honour are refused at start with the reason,
+/// before any table is sized by them: `-c 100000000 --mode thread` used to
+/// grow past 3 GiB before listening, and `--thread-stack 100GiB` announced
+/// itself ready, then refused every connection.
+#[test]
+fn limits_the_host_cannot_honour_are_refused_at_start() {
+    // One connection more than the kernel has pids or tasks for, in each mode.
+    let tasks = ["kernel.pid_max", "kernel.threads-max"]
+        .iter()
+        .filter_map(|n| sysctl(n))
+        .min()
+        .expect("kernel.pid_max readable");
+    let over = tasks.to_string();
+    for mode in ["fork", "thread"] {
+        let args = [
+            "-l",
+            "127.0.0.1:0",
+            "--log",
+            "stderr",
+            "--mode",
+            mode,
+            "-c",
+            &over,
+        ];
+        let run = forkd_run(&args);
+        assert!(
+            run.stderr.contains("kernel.") || run.stderr.contains("any Linux host"),
+            "{mode}: the refusal should give the reason: {}",
+            run.stderr
+        );
+        check_run(run, &args, 64, "--max-conns");
+    }
+
+    // A stack the address space cannot hold (RLIMIT_AS 512 MiB): forkd
+    // creates one thread with it at start, and refuses with the kernel's reason.
+    let args = ["-l", "127.0.0.1:0", "--log", "stderr", "--mode", "thread"];
+    let args = [&args[..], &["--thread-stack", "1GiB"]].concat();
+    let mut cmd = Command::new(FORKD);
+    cmd.args(&args);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only setrlimit(2), which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 512 << 20,
+                    rlim_max: 512 << 20,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    check_run(
+        run_with_deadline(cmd, LONG),
+        &args,
+        64,
+        "--thread-stack 1073741824 bytes: cannot create a thread",
+    );
+}
+
 #[test]
 fn unavailable_addresses_and_unknown_users_have_their_own_codes() {
     // Busy: a listener already holds the port.
@@ -647,6 +765,30 @@ fn unavailable_addresses_and_unknown_users_have_their_own_codes() {
         67,
         "no-such-user-for-forkd",
     );
+}
+
+/// Addresses no socket of this host can serve exit 69, as the README's
+/// table says, not 71: an interface index that does not exist, and an
+/// IPv4-mapped IPv6 address (IPv6 listeners are V6ONLY).
+#[test]
+fn a_missing_interface_and_a_mapped_address_exit_69() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 on this host: nothing to check");
+        return;
+    }
+    let taken = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("ifindex")).is_ok_and(|i| i.trim() == "999")
+        });
+    if !taken {
+        let args = ["-l", "[fe80::1%999]:0", "--log", "stderr"];
+        check_error(&args, 69, "[fe80::1%999]:0");
+    }
+    let args = ["-l", "[::ffff:127.0.0.1]:0", "--log", "stderr"];
+    check_error(&args, 69, "listen on 127.0.0.1:0 instead");
 }
 
 #[test]

@@ -198,3 +198,61 @@ fn children_log_to_syslog_under_their_own_pid() {
         "the pids children logged under differ from the pids the dispatcher reaped:\n{text}"
     );
 }
+
+/// A syslog daemon that stops reading cannot stop forkd: its socket's queue
+/// is full before forkd starts (the test fills it with non-blocking sends
+/// from fresh sockets until one's first datagram is refused), the lines of
+/// 300 connections (dispatcher's and children's, `-v`) are dropped while
+/// every client is served, the next line after the daemon reads again says
+/// how many were dropped, and SIGTERM stops forkd with exit 0.
+#[test]
+fn a_syslog_daemon_that_stops_reading_cannot_stop_forkd() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("forkd-syslog-full");
+    let path = dir.0.join("log.sock");
+    let daemon = UnixDatagram::bind(&path).unwrap();
+    let mut fillers = Vec::new();
+    let full = (0..10_000).any(|_| {
+        let s = UnixDatagram::unbound().unwrap();
+        s.set_nonblocking(true).unwrap();
+        s.connect(&path).unwrap();
+        let mut sent = 0;
+        while s.send(b"<13>filler").is_ok() {
+            sent += 1;
+        }
+        fillers.push(s);
+        sent == 0
+    });
+    assert!(full, "the syslog socket's queue never filled");
+    let socket = path.to_str().unwrap();
+    let args = ["--log", "syslog", "--syslog-socket", socket, "-v"];
+    let mut f = Forkd::start_exact(&[&["--print-addr", "-l", "127.0.0.1:0"], &args[..]].concat());
+    for i in 0..300 {
+        let data = pattern(100, i);
+        assert!(roundtrip(f.addr(), &data) == data, "connection {i}");
+    }
+    // The daemon reads again: drain, then one more connection's lines.
+    daemon.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 8192];
+    while daemon.recv(&mut buf).is_ok() {}
+    daemon.set_nonblocking(false).unwrap();
+    daemon
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let data = pattern(100, 999);
+    assert!(
+        roundtrip(f.addr(), &data) == data,
+        "not served after the drain"
+    );
+    let mut got = Vec::new();
+    let told = wait_until(LONG, || {
+        if let Ok(n) = daemon.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got.iter().any(|m| m.contains("log lines dropped"))
+    });
+    assert!(told, "no count of dropped lines after the drain: {got:?}");
+    f.signal(libc::SIGTERM);
+    let status = f.wait_exit(LONG);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "forkd's exit");
+}

@@ -516,6 +516,106 @@ fn notify_socket_without_listener_is_harmless() {
     f.check(st.is_some_and(|s| s.success()), &format!("exit {st:?}"));
 }
 
+/// Fill `path`'s receive queue with non-blocking sends until it refuses
+/// more: a fresh socket's first datagram must get EAGAIN, so the limit met
+/// is the receiver's queue (net.unix.max_dgram_qlen), not one sender's
+/// buffer. Returns the senders, which keep their datagrams charged to them.
+fn fill_queue(path: &Path) -> Vec<UnixDatagram> {
+    let mut senders = Vec::new();
+    for _ in 0..10_000 {
+        let s = UnixDatagram::unbound().unwrap();
+        s.set_nonblocking(true).unwrap();
+        s.connect(path).unwrap();
+        let mut sent = 0;
+        while s.send(b"X_FILLER=1\n").is_ok() {
+            sent += 1;
+        }
+        senders.push(s);
+        if sent == 0 {
+            return senders;
+        }
+    }
+    panic!("the notification socket's queue never filled");
+}
+
+/// Receive every datagram waiting on `sock`, without waiting for more.
+fn drain(sock: &UnixDatagram) -> Vec<String> {
+    sock.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    sock.set_nonblocking(false).unwrap();
+    got
+}
+
+/// A service manager that stops reading NOTIFY_SOCKET cannot stop forkd:
+/// with the queue full before forkd starts, READY=1, the STATUS= updates of
+/// many connections and STOPPING=1 are dropped, clients are served all the
+/// while, the drops are counted once the socket drains, and SIGTERM stops
+/// forkd with exit 0. (The blocking send it replaced hung the dispatcher.)
+fn notify_socket_nobody_reads(mode: &str) {
+    watchdog();
+    let dir = TempDir::new("fullnotify");
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let _fillers = fill_queue(&path);
+    let mut cmd = Command::new(FORKD);
+    cmd.env("NOTIFY_SOCKET", &path);
+    let mut f = Forkd::start_with(cmd, &["--mode", mode]);
+    // Long enough for STATUS= updates (at most one a second) to be due.
+    let start = Instant::now();
+    let mut served = 0;
+    while served < 50 || start.elapsed() < 2 * SECOND {
+        let data = pattern(100, served);
+        f.check(
+            roundtrip(f.addr(), &data) == data,
+            "a client was not served while NOTIFY_SOCKET was full",
+        );
+        served += 1;
+        f.check(start.elapsed() < 30 * SECOND, "connections too slow");
+    }
+    f.check(
+        f.wait_log("NOTIFY_SOCKET is full", 5 * SECOND),
+        "READY=1 to a full socket: no drop logged",
+    );
+    // The manager reads again: the next update gets through, the drops are told.
+    let queued = drain(&sock);
+    f.check(
+        queued.iter().all(|m| m.starts_with("X_FILLER")),
+        &format!("a notification got into a full queue: {queued:?}"),
+    );
+    let data = pattern(100, 999);
+    f.check(
+        roundtrip(f.addr(), &data) == data,
+        "not served after the drain",
+    );
+    let status = recv_until(&sock, "STATUS=", 5 * SECOND);
+    f.check(
+        status.is_ok(),
+        &format!("no STATUS= after the drain: {status:?}"),
+    );
+    f.check(
+        f.wait_log("notifications were dropped while it was full", 5 * SECOND),
+        "the dropped notifications were not counted once the socket drained",
+    );
+    // Full again: STOPPING=1 is dropped, and the stop goes on.
+    let _fillers = fill_queue(&path);
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(15 * SECOND);
+}
+
+#[test]
+fn notify_socket_nobody_reads_never_blocks_fork() {
+    notify_socket_nobody_reads("fork");
+}
+
+#[test]
+fn notify_socket_nobody_reads_never_blocks_thread() {
+    notify_socket_nobody_reads("thread");
+}
+
 /// Run forkd with stderr to a file and JOURNAL_STREAM set by `journal`
 /// (given the file's `dev:ino`); serve two clients at --max-conns 1 (so a
 /// warning is logged), stop, and return the log's lines.
