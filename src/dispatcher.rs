@@ -116,7 +116,8 @@ pub struct Dispatcher<M: Model> {
     per_ip_log: Throttle,
     start_fail_log: Throttle,
     accept_fail_log: Throttle,
-    ignored_log: Throttle,
+    /// One per signal number.
+    ignored_log: [Throttle; 64],
 }
 
 impl<M: Model> Dispatcher<M> {
@@ -155,7 +156,7 @@ impl<M: Model> Dispatcher<M> {
             per_ip_log: Throttle::default(),
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
-            ignored_log: Throttle::default(),
+            ignored_log: std::array::from_fn(|_| Throttle::default()),
         })
     }
 
@@ -285,10 +286,15 @@ impl<M: Model> Dispatcher<M> {
         if pending.has(Pending::RELOAD) {
             logging::reopen();
         }
-        if pending.ignored != 0
-            && let Some(n) = self.ignored_log.allow(Instant::now())
-        {
-            events::ignored(&pending.ignored_names(), n);
+        for signal in pending.ignored() {
+            // Each signal's line at most once a second, so a storm of one
+            // cannot flood the log nor hide another.
+            if self.ignored_log[signal as usize]
+                .allow(Instant::now())
+                .is_some()
+            {
+                events::ignored(&signals::name(signal));
+            }
         }
         let active = self.books.table.active();
         if pending.has(Pending::QUIT) {

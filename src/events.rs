@@ -164,19 +164,37 @@ pub fn gave_up(live: usize) {
     );
 }
 
-pub fn ignored(names: &[String], suppressed: u64) {
-    info!(
-        "ignored {}: forkd gives {} no meaning{}",
-        names.join(", "),
-        if names.len() == 1 { "it" } else { "them" },
-        more(suppressed)
-    );
+pub fn ignored(name: &str) {
+    info!("ignored {name}: forkd gives it no meaning");
+}
+
+/// What was dropped rather than let block the service, for the last line.
+pub struct Dropped {
+    pub log_lines: u64,
+    pub notifications: u64,
 }
 
 /// The last line: what forkd did.
-pub fn stopped(terms: &Terms, served: u64, ended: u64, forced: u64, refused: u64) {
+pub fn stopped(
+    terms: &Terms,
+    served: u64,
+    ended: u64,
+    forced: u64,
+    refused: u64,
+    dropped: Dropped,
+) {
+    let mut extra = String::new();
+    if dropped.log_lines > 0 {
+        extra += &format!(", {} dropped", count(dropped.log_lines, "log line"));
+    }
+    if dropped.notifications > 0 {
+        extra += &format!(
+            ", {} to systemd dropped",
+            count(dropped.notifications, "notification")
+        );
+    }
     info!(
-        "stopped: {} served, {} ended ({} {}), {} refused by --max-per-ip",
+        "stopped: {} served, {} ended ({} {}), {} refused by --max-per-ip{extra}",
         count(served, "connection"),
         ended,
         forced,

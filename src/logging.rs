@@ -418,15 +418,3 @@ fn journald_priority(level: Level) -> u8 {
         Level::Debug | Level::Trace => 7,
     }
 }
-
-/// Forget the syslog connection, so the next line connects afresh (SIGHUP:
-/// syslogd may have restarted or moved).
-pub fn reopen() {
-    if let Some(Logger {
-        sink: Sink::Syslog { conn, .. },
-    }) = LOGGER.get()
-        && let Ok(mut guard) = conn.lock()
-    {
-        *guard = None;
-    }
-}

@@ -115,7 +115,18 @@ fn serve<M: Model>(
     unsafe { libc::malloc_trim(0) };
     announce(config, dispatcher.listeners(), activated, &name, nofile);
     let s = dispatcher.run()?;
-    events::stopped(terms, s.served, s.ended, s.forced, s.refused_per_ip);
+    let dropped = events::Dropped {
+        log_lines: logging::dropped_lines(),
+        notifications: systemd::dropped_notifications(),
+    };
+    events::stopped(
+        terms,
+        s.served,
+        s.ended,
+        s.forced,
+        s.refused_per_ip,
+        dropped,
+    );
     Ok(EXIT_OK)
 }
 

@@ -45,7 +45,7 @@ pub struct Pending {
     /// SIGTERM and SIGINT received, each counted (a second skips the grace).
     pub terminate: u32,
     /// Bit `n` set: signal `n` came and was ignored.
-    pub ignored: u64,
+    ignored: u64,
 }
 
 impl Pending {
@@ -59,12 +59,9 @@ impl Pending {
         self.bits & bit != 0
     }
 
-    /// The signals ignored, by name.
-    pub fn ignored_names(self) -> Vec<String> {
-        (1..64)
-            .filter(|n| self.ignored & (1 << n) != 0)
-            .map(name)
-            .collect()
+    /// The numbers of the signals ignored.
+    pub fn ignored(self) -> impl Iterator<Item = i32> {
+        (1..64).filter(move |n| self.ignored & (1 << n) != 0)
     }
 }
 

@@ -62,7 +62,8 @@ fn trample(pid: i32, decoy: i32) -> u64 {
     let mut written = 0;
     for (lo, hi) in writable_shared_mappings(pid) {
         let junk = garbage((hi - lo) as usize, decoy);
-        mem.write_all_at(&junk, lo).expect("write the child's memory");
+        mem.write_all_at(&junk, lo)
+            .expect("write the child's memory");
         written += hi - lo;
     }
     written
@@ -159,7 +160,10 @@ fn a_child_killed_mid_stream_is_logged_with_what_it_echoed() {
     unsafe { libc::kill(kid, libc::SIGKILL) };
     f.check(
         f.wait_log(
-            &format!("end pid {kid} {}: killed by SIGKILL, 10000 bytes echoed", s.local_addr().unwrap()),
+            &format!(
+                "end pid {kid} {}: killed by SIGKILL, 10000 bytes echoed",
+                s.local_addr().unwrap()
+            ),
             LONG,
         ),
         "the killed child's end line lost its byte count",
@@ -228,7 +232,8 @@ fn pids_above_the_pid_max_forkd_started_with_are_tracked_exactly() {
     f.signal(libc::SIGTERM);
     f.expect_clean_exit(LONG);
     f.check(
-        f.log().contains("stopped: 64 connections served, 64 ended (0 by signal)"),
+        f.log()
+            .contains("stopped: 64 connections served, 64 ended (0 by signal)"),
         "summary",
     );
 }
