@@ -20,12 +20,11 @@
 //! a connection costs beyond the fork itself. So the child touches as little
 //! as it can. Whatever it writes it copies (fork shares the dispatcher's
 //! pages copy-on-write), so it allocates nothing and writes no static: its
-//! title comes formatted from the dispatcher, its name is a copy the dispatcher made at start, and
-//! its echo buffer is memory the dispatcher never touched. And its code,
-//! from the return of `fork` to `_exit`, sits in one section of its own,
-//! `.text.hot.forkd_child`, which the linker places in one piece: a few
-//! pages of code rather than a page here and there across the binary. It
-//! reads no tables of constants (those live in yet other pages).
+//! title comes formatted from the dispatcher, its name is a copy the
+//! dispatcher made at start, and its echo buffer is memory the dispatcher
+//! never touched. What that buys is held by the page-fault test in
+//! `tests/static_build.rs`. (A linker section gathering the child's code
+//! in one piece was tried and measured: no fault fewer, so it went.)
 
 use std::ffi::CString;
 use std::net::{SocketAddr, TcpStream};
@@ -65,15 +64,51 @@ pub struct ChildSetup {
     /// memory, and the heap's pages are mapped in every child already,
     /// while a literal's page of read-only data would be one more fault.
     pub comm: CString,
+    /// What the child writes to `/proc/self/oom_score_adj`, and the path
+    /// (both on the heap, as `comm`). None if the dispatcher's own could not
+    /// be read.
+    pub oom: Option<(CString, Vec<u8>)>,
 }
+
+/// How much more a connection's process is worth to the OOM killer than
+/// the dispatcher: a child is always killed first, so memory pressure ends
+/// a connection, never the service (PostgreSQL's backends do the same).
+/// Raising one's own score needs no privilege.
+pub const OOM_SCORE_ABOVE_DISPATCHER: i32 = 500;
 
 impl ChildSetup {
     pub fn new(die_with_parent: bool, dispatcher: Pid, title: Option<TitleArea>) -> ChildSetup {
+        let oom = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .map(|own| {
+                let child = (own + OOM_SCORE_ABOVE_DISPATCHER).min(1000);
+                (
+                    c"/proc/self/oom_score_adj".to_owned(),
+                    child.to_string().into_bytes(),
+                )
+            });
         ChildSetup {
             die_with_parent,
             dispatcher,
             title,
             comm: c"forkd-conn".to_owned(),
+            oom,
+        }
+    }
+}
+
+/// Raise this process's OOM score (see [`OOM_SCORE_ABOVE_DISPATCHER`]).
+fn raise_oom_score(setup: &ChildSetup) {
+    let Some((path, value)) = &setup.oom else {
+        return;
+    };
+    // SAFETY: open/write/close on a NUL-terminated path and a valid buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, value.as_ptr().cast(), value.len());
+            libc::close(fd);
         }
     }
 }
@@ -83,7 +118,6 @@ impl ChildSetup {
 /// `name` is the title the dispatcher prepared for this child; `buf` is the
 /// dispatcher's untouched echo buffer (see `ForkModel`);
 /// `bytes` is this connection's byte counter.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn serve(
     conn: OwnedFd,
     peer: SocketAddr,
@@ -101,6 +135,7 @@ pub fn serve(
         }
     }
     close_inherited(conn.as_raw_fd());
+    raise_oom_score(setup);
     title::set_comm(&setup.comm);
     if let Some(area) = &setup.title {
         area.set(name);
@@ -117,14 +152,12 @@ pub fn serve(
 }
 
 /// Leave the process at once: no destructors, no atexit handlers, no stdio flush.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 fn exit(code: i32) -> ! {
     // SAFETY: _exit(2) ends the process; nothing of the dispatcher's runs.
     unsafe { libc::_exit(code) }
 }
 
 /// The highest descriptor number this process can have open.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 fn max_fd() -> i32 {
     // SAFETY: sysconf only reads a limit.
     let open_max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
@@ -132,7 +165,6 @@ fn max_fd() -> i32 {
 }
 
 /// Close every descriptor above stderr except `keep`.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 fn close_inherited(keep: i32) {
     let ranges = [(3, keep - 1), (keep + 1, i32::MAX)];
     for (lo, hi) in ranges {

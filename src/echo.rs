@@ -23,7 +23,6 @@ use std::time::Duration;
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// In the order of their exit codes (see `crate::exit_code::for_end`).
 pub enum End {
     /// The client closed its side and got every byte back.
     Closed,
@@ -71,7 +70,6 @@ pub fn set_idle_timeout(sock: &TcpStream, idle: Option<Duration>) -> io::Result<
 ///
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], echoed: &AtomicU64) -> Outcome {
     let mut bytes = 0u64;
     loop {

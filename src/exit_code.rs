@@ -9,10 +9,6 @@ use crate::echo::End;
 pub const PANIC: i32 = 4;
 
 /// The exit code of a child whose connection ended so.
-// In the order of `End`'s variants, so that this compiles to the variant's
-// tag rather than to a table in read-only data (a page more for a child to
-// fault in).
-#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn for_end(end: End) -> i32 {
     match end {
         End::Closed => 0,

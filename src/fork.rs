@@ -75,10 +75,6 @@ impl Model for ForkModel {
         &TERMS
     }
 
-    // Never inlined, and in the child's code section: the child resumes
-    // here when fork returns (see `crate::child` on the pages a child touches).
-    #[inline(never)]
-    #[unsafe(link_section = ".text.hot.forkd_child")]
     fn start(
         &mut self,
         conn: OwnedFd,

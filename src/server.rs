@@ -109,10 +109,6 @@ fn serve<M: Model>(
         Mode::Thread => "thread".to_string(),
     };
     let dispatcher = Dispatcher::new(model, listeners, signals, settings)?;
-    // Hand start-up's freed heap back to the kernel: every resident page of
-    // the dispatcher is a page table entry each fork copies.
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe { libc::malloc_trim(0) };
     announce(config, dispatcher.listeners(), activated, &name, nofile);
     let s = dispatcher.run()?;
     let dropped = events::Dropped {

@@ -367,7 +367,6 @@ fn alternate_stack() -> io::Result<()> {
 ///
 /// A child's code (see `crate::child`): plain libc calls on constants, no
 /// table to read, so it touches no page beyond libc's.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn reset_in_child() {
     let off = libc::stack_t {
         ss_sp: std::ptr::null_mut(),

@@ -52,7 +52,6 @@ impl TitleArea {
     /// Rewrite the command line to `title` (children only: see the module docs).
     /// A child's code: byte by byte, a few dozen bytes, rather than through
     /// libc's memcpy and memset, which would be two more pages to fault in.
-    #[unsafe(link_section = ".text.hot.forkd_child")]
     pub fn set(&self, title: &[u8]) {
         let room = self.env_end - self.start;
         let len = title.len().min(room - 1);
@@ -78,7 +77,6 @@ impl TitleArea {
 }
 
 /// Set the short name (`comm`), truncated to 15 bytes by the kernel.
-#[unsafe(link_section = ".text.hot.forkd_child")]
 pub fn set_comm(name: &CStr) {
     let _ = nix::sys::prctl::set_name(name);
 }

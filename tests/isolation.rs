@@ -237,3 +237,28 @@ fn pids_above_the_pid_max_forkd_started_with_are_tracked_exactly() {
         "summary",
     );
 }
+
+fn oom_score_adj(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn under_memory_pressure_a_connection_dies_before_the_dispatcher() {
+    let f = Forkd::start(&[]);
+    let mut s = connect(f.addr());
+    ping(&mut s, b"hello\n");
+    f.check(
+        wait_until(LONG, || f.live_children().len() == 1),
+        "expected one child",
+    );
+    let kid = f.live_children()[0];
+    let (parent, child) = (oom_score_adj(f.pid()), oom_score_adj(kid));
+    f.check(
+        child == (parent + 500).min(1000) && child > parent,
+        &format!("oom_score_adj: dispatcher {parent}, child {child}"),
+    );
+}
