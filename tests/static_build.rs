@@ -111,14 +111,15 @@ fn minor_faults(pid: i32) -> u64 {
 }
 
 /// The page-fault budget of a connection, in the build that is installed
-/// and benchmarked. Each bound is what was measured when it was set (on
-/// kernel 6.18, x86-64), plus a little: a change that makes a child touch
-/// more pages, or the dispatcher dirty pages a fork write-protects, fails
-/// here. The savings it holds: the child's code in one section
-/// (`.text.hot.forkd_child`), its title formatted by the dispatcher, its
-/// echo buffer never touched by the dispatcher, and the dispatcher's tables,
-/// signal state and signal stack in mappings no child inherits
-/// (`src/memory.rs`).
+/// and benchmarked. Each bound is what was measured when it was set (kernel
+/// 6.18, x86-64): a child 11 or 12 faults over one echo, the dispatcher 3.0
+/// or 4.0 per connection. Which of the two depends on where the argument
+/// and environment strings put the stack's page boundaries (a path one
+/// character longer moved both), hence one page of room. What the bounds
+/// hold: the dispatcher's tables, signal state and signal stack in mappings
+/// no child inherits (`src/memory.rs`; as ordinary private memory the
+/// dispatcher took 10.4 faults per connection), and a child that allocates
+/// nothing and writes only its own stack, its echo buffer and its counter.
 #[test]
 fn a_connection_costs_few_page_faults() {
     let mut cmd = Command::new("sh");
@@ -169,13 +170,12 @@ fn a_connection_costs_few_page_faults() {
     eprintln!(
         "page faults: child {child} (all: {child_faults:?}), dispatcher {per_conn:.2} per connection"
     );
-    // Measured: child 11, dispatcher 3.0.
     f.check(
-        child <= 12,
+        child <= 13,
         &format!("a child took {child} page faults for one echo"),
     );
     f.check(
-        per_conn <= 3.5,
+        per_conn <= 4.5,
         &format!("the dispatcher took {per_conn:.2} page faults per connection"),
     );
 }
