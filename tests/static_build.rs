@@ -112,14 +112,17 @@ fn minor_faults(pid: i32) -> u64 {
 
 /// The page-fault budget of a connection, in the build that is installed
 /// and benchmarked. Each bound is what was measured when it was set (kernel
-/// 6.18, x86-64): a child 11 or 12 faults over one echo, the dispatcher 3.0
+/// 6.18, x86-64): a child 12 or 13 faults over one echo, the dispatcher 3.0
 /// or 4.0 per connection. Which of the two depends on where the argument
 /// and environment strings put the stack's page boundaries (a path one
 /// character longer moved both), hence one page of room. What the bounds
-/// hold: the dispatcher's tables, signal state and signal stack in mappings
-/// no child inherits (`src/memory.rs`; as ordinary private memory the
-/// dispatcher took 10.4 faults per connection), and a child that allocates
-/// nothing and writes only its own stack, its echo buffer and its counter.
+/// hold, each measured by taking it out: the dispatcher's tables, signal
+/// state and signal stack in mappings no child inherits (`src/memory.rs`;
+/// in ordinary private memory the dispatcher took 10.4 faults per
+/// connection), and the child's title formatted by the dispatcher (formatted
+/// in the child, 22 faults). One saving is smaller than the room: the
+/// child's name copied to the heap (`ChildSetup::comm`) saves one fault
+/// against a literal.
 #[test]
 fn a_connection_costs_few_page_faults() {
     let mut cmd = Command::new("sh");
@@ -171,7 +174,7 @@ fn a_connection_costs_few_page_faults() {
         "page faults: child {child} (all: {child_faults:?}), dispatcher {per_conn:.2} per connection"
     );
     f.check(
-        child <= 13,
+        child <= 14,
         &format!("a child took {child} page faults for one echo"),
     );
     f.check(
