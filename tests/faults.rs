@@ -692,3 +692,38 @@ fn a_log_reader_that_stops_reading_cannot_stop_forkd_fork() {
 fn a_log_reader_that_stops_reading_cannot_stop_forkd_thread() {
     a_log_reader_that_stops_reading(&["--mode", "thread"]);
 }
+
+#[test]
+fn thread_mode_survives_buffers_memory_cannot_give() {
+    // 512 MiB of address space, 64 MiB per connection's buffer: a few
+    // connections get one, the next ones cannot, and the process must live.
+    let cmd = forkd_with_limit(libc::RLIMIT_AS, 512 << 20);
+    let mut f = Forkd::start_with(cmd, &["--mode", "thread", "--buffer", "64MiB"]);
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let Ok(mut s) = TcpStream::connect_timeout(&f.addr(), Duration::from_secs(5)) else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"x");
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b);
+        held.push(s);
+    }
+    f.check(
+        f.wait_log("cannot serve", Duration::from_secs(10)),
+        "no connection was refused for want of memory",
+    );
+    let alive = f.child.try_wait().unwrap().is_none();
+    f.check(alive, "forkd died of an allocation failure");
+    drop(held);
+    f.check(
+        wait_until(Duration::from_secs(10), || {
+            let data = pattern(1000, 1);
+            roundtrip(f.addr(), &data) == data
+        }),
+        "not serving once memory was free again",
+    );
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(Duration::from_secs(15));
+}
