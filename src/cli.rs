@@ -45,7 +45,7 @@ pub enum LogTarget {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "forkd", version, about, long_about = None)]
 pub struct Config {
-    /// Address to listen on (repeatable); IPv6 as [::1]:7007; port 0 picks a free port.
+    /// Address to listen on (repeatable); IPv6 as `[::1]:7007`; port 0 picks a free port.
     #[arg(
         short = 'l',
         long = "listen",

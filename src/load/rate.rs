@@ -42,7 +42,7 @@ pub struct Plan {
     pub timeout: Duration,
     /// The server's pid, for its tree's CPU time.
     pub pid: Option<i32>,
-    /// Open loop: connections a second in all (see [`worker`]).
+    /// Open loop: connections a second in all (see `worker`).
     pub pace: Option<f64>,
 }
 
