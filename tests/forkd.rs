@@ -607,6 +607,25 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(&["--buffer", "0"], 64, "--buffer");
     check_error(&["--buffer", "1TiB"], 64, "--buffer");
     check_error(&["--mode", "prefork"], 64, "prefork");
+    // The line names the argument and what it may be.
+    check_error(
+        &["--mode", "prefork"],
+        64,
+        "'--mode <MODE>' [possible values: fork, thread]",
+    );
+    check_error(&["--reap"], 64, "'--reap <REAP>'");
+    check_error(&["--reap"], 64, "[possible values: handler, lazy, off]");
+    check_error(
+        &["--idle-timeout", "-1"],
+        64,
+        "'-1' for '--idle-timeout <DUR>'",
+    );
+    check_error(&["--max-per-ip", "-1"], 64, "'-1' for '--max-per-ip <N>'");
+    check_error(
+        &["--mod", "fork"],
+        64,
+        "a similar argument exists: '--mode'",
+    );
     check_error(
         &["--group", "daemon", "-l", "127.0.0.1:0"],
         64,

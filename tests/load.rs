@@ -444,20 +444,61 @@ fn compare_writes_a_table_a_chart_and_json() {
 
 #[test]
 fn bad_arguments_are_one_line_usage_errors() {
-    for args in [
-        &["rate", "--addr", "192.0.2.7:7"][..],
-        &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
-        &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
-        &["rate", "--addr", "127.0.0.1:7", "--pace", "0"],
-        &["compare", "--out", "x", "--workloads", "rate,nap"],
-        &["frobnicate"],
+    // Each is one line that names the argument, and what it may be.
+    for (args, mentions) in [
+        (&["rate", "--addr", "192.0.2.7:7"][..], "loopback"),
+        (
+            &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
+            "'--conns <N>'",
+        ),
+        (
+            &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
+            "'soon' for '--duration <DUR>'",
+        ),
+        (&["rate", "--addr", "127.0.0.1:7", "--pace", "0"], "--pace"),
+        (
+            &["compare", "--out", "x", "--workloads", "rate,nap"],
+            "'nap' for '--workloads <WORKLOADS>' [possible values: rate, stream, hold]",
+        ),
+        (
+            &["compare", "--out", "x", "--modes", "fork,prefork"],
+            "[possible values: fork, thread]",
+        ),
+        (&["rate"], "not provided: --addr <ADDR>"),
+        (
+            &["rate", "--addr", "127.0.0.1:7", "--concurrency", "-3"],
+            "'-3' for '--concurrency <N>'",
+        ),
+        (&["hold", "--addr", "127.0.0.1:7", "--pid", "-1"], "--pid"),
+        (
+            &["frobnicate"],
+            "'frobnicate' [subcommands: rate, stream, hold, compare]",
+        ),
+        // No subcommand is a bad command line, not a request for help.
+        (&[], "no subcommand given: rate, stream, hold, compare"),
     ] {
         let out = load(args, LIMIT);
         assert_eq!(out.status.code(), Some(64), "{}", explain(args, &out));
         let err = &out.stderr;
         assert_eq!(err.lines().count(), 1, "{}", explain(args, &out));
         assert!(err.starts_with("forkd-load: error: "), "{err}");
+        assert!(err.contains(mentions), "expected {mentions:?}: {err}");
+        assert!(out.stdout.is_empty(), "{}", explain(args, &out));
     }
+    // --help describes the load generator, not the package.
+    let help = load(&["--help"], LIMIT);
+    assert_eq!(
+        help.status.code(),
+        Some(0),
+        "{}",
+        explain(&["--help"], &help)
+    );
+    assert!(
+        help.stdout
+            .starts_with("forkd-load: a load generator for echo servers"),
+        "{}",
+        help.stdout
+    );
     // Nothing listening: refused connections are errors, and the exit says so.
     let free = TcpListener::bind("127.0.0.1:0")
         .unwrap()
