@@ -63,6 +63,17 @@ pub fn describe(err: &io::Error) -> String {
     }
 }
 
+/// `1 connection`, `2 connections`: a count with its noun in the number it takes.
+///
+/// ```
+/// use forkd::error::count;
+/// assert_eq!(count(1, "connection", "connections"), "1 connection");
+/// assert_eq!(count(0, "process", "processes"), "0 processes");
+/// ```
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)

@@ -4,6 +4,7 @@
 use super::chart::short;
 use super::cli::Workload;
 use super::compare::{Comparison, Row, Settings};
+use crate::error::count;
 
 /// The whole file.
 pub fn render(c: &Comparison) -> String {
@@ -96,24 +97,33 @@ fn workloads(s: &Settings) -> String {
         .map(|w| match w {
             Workload::Rate => match s.pace_per_s {
                 Some(p) => format!(
-                    "rate {} workers x {} B, paced at {p} conn/s in all (open loop), for {} s",
-                    s.concurrency, s.size, s.duration_s
+                    "rate {} x {} B, paced at {p} conn/s in all (open loop), for {} s",
+                    count(s.concurrency as u64, "worker", "workers"),
+                    s.size,
+                    s.duration_s
                 ),
                 None => format!(
-                    "rate {} workers x {} B for {} s",
-                    s.concurrency, s.size, s.duration_s
+                    "rate {} x {} B for {} s",
+                    count(s.concurrency as u64, "worker", "workers"),
+                    s.size,
+                    s.duration_s
                 ),
             },
             Workload::Stream => format!(
-                "stream {} connections x {} B writes for {} s",
-                s.stream_conns, s.stream_size, s.duration_s
+                "stream {} x {} B writes for {} s",
+                count(s.stream_conns as u64, "connection", "connections"),
+                s.stream_size,
+                s.duration_s
             ),
-            Workload::Hold => format!("hold {} idle connections", s.hold),
+            Workload::Hold => format!(
+                "hold {}",
+                count(s.hold as u64, "idle connection", "idle connections")
+            ),
         })
         .collect();
     format!(
-        "Workloads, each server in turn, {} round(s) in alternating order: {}.\n\n",
-        s.rounds,
+        "Workloads, each server in turn, {} in alternating order: {}.\n\n",
+        count(s.rounds.into(), "round", "rounds"),
         each.join("; ")
     )
 }
