@@ -724,3 +724,39 @@ fn ipv6_loopback_works() {
     );
     f.check(expected.starts_with("forkd: conn [::1]:"), &expected);
 }
+
+/// `scripts/zombie-lab.sh` bounds its own steps with LAB_TIMEOUT, not the
+/// learner reading at its prompts: at a terminal (script(1) gives it one), a
+/// reader who spends twice LAB_TIMEOUT at the five prompts of a mode still
+/// sees the lab through. And the watchdog still bounds the steps themselves.
+#[test]
+fn zombie_lab_times_its_steps_not_the_reader() {
+    let lab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zombie-lab.sh");
+    // The reader: Enter every 2 s, five times (the sleeps are the reading).
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"for i in 1 2 3 4 5; do sleep 2; echo; done | script -qec "$0 handler" /dev/null"#,
+    ])
+    .arg(&lab)
+    .env("FORKD", FORKD)
+    .env("LAB_TIMEOUT", "5");
+    let run = run_with_deadline(cmd, Duration::from_secs(60));
+    let out = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        run.status.success() && out.contains("Done.") && !out.contains("gave up"),
+        "the lab under a terminal with a slow reader: {:?}\n{out}",
+        run.status
+    );
+    assert_eq!(out.matches("[Enter to go on]").count(), 5, "{out}");
+
+    let mut cmd = Command::new(&lab);
+    cmd.arg("handler")
+        .env("FORKD", FORKD)
+        .env("LAB_TIMEOUT", "0");
+    let run = run_with_deadline(cmd, LONG);
+    assert!(
+        !run.status.success() && run.stderr.contains("zombie-lab: gave up"),
+        "LAB_TIMEOUT=0 must stop the lab: {run:?}"
+    );
+}
