@@ -89,30 +89,30 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The line that says what each server was put through.
-fn workloads(s: &Settings) -> String {
+/// The line that says what each server was put through (also the chart's).
+pub fn workloads(s: &Settings) -> String {
     let each: Vec<String> = s
         .workloads
         .iter()
         .map(|w| match w {
             Workload::Rate => match s.pace_per_s {
                 Some(p) => format!(
-                    "rate {} x {} B, paced at {p} conn/s in all (open loop), for {} s",
+                    "rate {} x {}, paced at {p} conn/s in all (open loop), for {} s",
                     count(s.concurrency as u64, "worker", "workers"),
-                    s.size,
+                    bytes(s.size),
                     s.duration_s
                 ),
                 None => format!(
-                    "rate {} x {} B for {} s",
+                    "rate {} x {} for {} s",
                     count(s.concurrency as u64, "worker", "workers"),
-                    s.size,
+                    bytes(s.size),
                     s.duration_s
                 ),
             },
             Workload::Stream => format!(
-                "stream {} x {} B writes for {} s",
+                "stream {} x {} writes for {} s",
                 count(s.stream_conns as u64, "connection", "connections"),
-                s.stream_size,
+                bytes(s.stream_size),
                 s.duration_s
             ),
             Workload::Hold => format!(
@@ -126,4 +126,14 @@ fn workloads(s: &Settings) -> String {
         count(s.rounds.into(), "round", "rounds"),
         each.join("; ")
     )
+}
+
+/// A size as the options take it: `64 B`, `64 KiB`, `1 MiB`.
+fn bytes(n: usize) -> String {
+    match n {
+        0 => "0 B".to_string(),
+        n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
 }
