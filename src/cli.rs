@@ -43,14 +43,10 @@ pub enum LogTarget {
 
 /// forkd: a process-per-connection echo server (RFC 862).
 #[derive(Parser, Debug, Clone)]
-// Negative numbers are values (`--idle-timeout -1` is a bad duration), not options.
-#[command(
-    name = "forkd",
-    version,
-    about,
-    long_about = None,
-    allow_negative_numbers = true
-)]
+// The doc comment above is the about text (a bare `about` would print the
+// package's, which names the load generator too). Negative numbers are
+// values (`--idle-timeout -1` is a bad duration), not options.
+#[command(name = "forkd", version, long_about = None, allow_negative_numbers = true)]
 pub struct Config {
     /// Address to listen on (repeatable); IPv6 as `[::1]:7007`; port 0 picks a free port.
     #[arg(
@@ -125,7 +121,7 @@ pub struct Config {
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 
-    /// After binding, serve as this group (default: the --user's primary group).
+    /// After binding, serve as this group; requires --user (default: the --user's primary group).
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 

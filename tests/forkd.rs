@@ -633,7 +633,11 @@ fn bad_arguments_exit_64_with_one_line() {
     );
     let help = forkd_run(&["--help"]);
     assert!(
-        help.status.success() && help.stdout.contains("--max-conns"),
+        help.status.success()
+            && help.stdout.contains("--max-conns")
+            && help
+                .stdout
+                .starts_with("forkd: a process-per-connection echo server"),
         "{help:?}"
     );
 }
