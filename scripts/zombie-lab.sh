@@ -6,11 +6,14 @@
 # connections, closes them, opens one more, and shows the process tree after
 # each step with ps. It pauses between steps only when stdin is a terminal,
 # so `scripts/zombie-lab.sh </dev/null` runs straight through (as docs/zombies.md
-# was made). Everything it starts is stopped on exit, and the whole lab gives
-# up after LAB_TIMEOUT seconds (default 120).
+# was made). Everything it starts is stopped on exit. A watchdog bounds the
+# lab's own waiting: it gives up once its steps have taken LAB_TIMEOUT
+# seconds (default 120) in all. The watchdog does not run while the lab waits
+# at an [Enter to go on] prompt, so reading takes as long as the reader likes,
+# nor during the build of forkd, whose progress cargo shows.
 #
 # Usage: scripts/zombie-lab.sh [MODE...]     (default: handler lazy off)
-# Environment: FORKD=/path/to/forkd to skip the build.
+# Environment: FORKD=/path/to/forkd to skip the build; LAB_TIMEOUT=seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,31 +33,56 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$forkd_pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$forkd_pid" 2>/dev/null || true
     fi
-    if [ -n "${watchdog:-}" ]; then kill "$watchdog" 2>/dev/null || true; fi
+    if [ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null; then
+        wait "$watchdog" 2>/dev/null || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'echo "zombie-lab: interrupted" >&2; exit 130' INT TERM
 
-# Bound the whole lab in time, whatever happens.
-# (The watchdog stops its own sleep when it is stopped, leaving nothing behind.)
-(
-    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
-    sleep "${LAB_TIMEOUT:-120}" &
-    nap=$!
-    if wait "$nap"; then
-        echo "zombie-lab: gave up after ${LAB_TIMEOUT:-120} s" >&2
-        kill -TERM $$ 2>/dev/null
-    fi
-) &
-watchdog=$!
+# ---- the watchdog: bounds the lab's own waiting, whatever happens, but
+# not the reader's. It runs while the lab works; pause() stops it and starts
+# it again with what is left of LAB_TIMEOUT.
+limit=${LAB_TIMEOUT:-120}
+case $limit in '' | *[!0-9]*) echo "zombie-lab: LAB_TIMEOUT must be whole seconds, not '$limit'" >&2; exit 64 ;; esac
+left_ms=$((limit * 1000))
+watchdog=""
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 1000)); }
+arm() {
+    armed_ms=$(now_ms)
+    # (The watchdog stops its own sleep when it is stopped, leaving nothing behind.)
+    (
+        trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+        # Not a copy of the lab's connections: they must close when the lab closes them.
+        for fd in "${fds[@]}"; do exec {fd}>&-; done
+        sleep "$((left_ms / 1000)).$(printf '%03d' $((left_ms % 1000)))" &
+        nap=$!
+        if wait "$nap"; then
+            echo "zombie-lab: gave up: its steps took more than ${limit} s (LAB_TIMEOUT)" >&2
+            kill -TERM $$ 2>/dev/null
+        fi
+    ) &
+    watchdog=$!
+}
+disarm() {
+    [ -n "$watchdog" ] || return 0
+    kill "$watchdog" 2>/dev/null || true
+    wait "$watchdog" 2>/dev/null || true
+    watchdog=""
+    left_ms=$((left_ms - ($(now_ms) - armed_ms)))
+    [ "$left_ms" -gt 0 ] || left_ms=0
+}
 
 if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
 say() { printf '\n%s%s%s\n' "$bold" "$*" "$plain"; }
 note() { printf '  %s\n' "$@"; }
+# Wait for the reader (on a terminal only), with the watchdog stopped.
 pause() {
     if [ -t 0 ]; then
+        disarm
         read -r -p "  [Enter to go on] " _ || true
+        arm
     fi
 }
 
@@ -72,6 +100,9 @@ if [ -z "$forkd" ] || [ ! -x "$forkd" ]; then
     echo "zombie-lab: no forkd binary (set FORKD=/path/to/forkd, or install cargo)" >&2
     exit 1
 fi
+
+# From here on, the lab's steps are timed.
+arm
 
 # The dispatcher and its children, as ps shows them.
 show() {
@@ -144,7 +175,7 @@ run_mode() {
     line=$(head -1 "$work/addr")
     port=${line##*:}
     [ -n "$port" ] || { echo "zombie-lab: forkd did not start:" >&2; cat "$work/log" >&2; exit 1; }
-    echo "\$ forkd --reap $mode -c $cap -l 127.0.0.1:0 --print-addr --log stderr -v &"
+    echo "\$ $forkd --reap $mode -c $cap -l 127.0.0.1:0 --print-addr --log stderr -v &"
     note "pid $forkd_pid, listening on port $port"
 
     say "1. Three clients connect and stay connected"
@@ -213,6 +244,6 @@ for mode in "${modes[@]}"; do
     esac
 done
 say "Done."
-note "To watch by hand: forkd --reap off -l 127.0.0.1:7007 & then, in another" \
-    "terminal, connect and disconnect with 'nc 127.0.0.1 7007' and look at" \
-    "'ps -ef --forest' or 'ps -o pid,ppid,stat,comm,args --ppid \$(pgrep -x forkd)'."
+note "To watch by hand: '$forkd --reap off -l 127.0.0.1:7007' in one terminal;" \
+    "in another, connect and hang up with 'nc 127.0.0.1 7007' (Debian: apt-get" \
+    "install netcat-openbsd), and look with 'ps -o pid,ppid,stat,comm,args -C forkd,forkd-conn'."

@@ -51,9 +51,12 @@ pub enum LogTarget {
 
 /// forkd: a process-per-connection echo server (RFC 862).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "forkd", version, about, long_about = None)]
+// The doc comment above is the about text (a bare `about` would print the
+// package's, which names the load generator too). Negative numbers are
+// values (`--idle-timeout -1` is a bad duration), not options.
+#[command(name = "forkd", version, long_about = None, allow_negative_numbers = true)]
 pub struct Config {
-    /// Address to listen on (repeatable); IPv6 as [::1]:7007; port 0 picks a free port.
+    /// Address to listen on (repeatable); IPv6 as `[::1]:7007`; port 0 picks a free port.
     #[arg(
         short = 'l',
         long = "listen",
@@ -126,7 +129,7 @@ pub struct Config {
     #[arg(long, value_name = "NAME")]
     pub user: Option<String>,
 
-    /// After binding, serve as this group (default: the --user's primary group).
+    /// After binding, serve as this group; requires --user (default: the --user's primary group).
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
@@ -165,9 +168,7 @@ impl Config {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     Err(ParseOutcome::Print(e.to_string()))
                 }
-                _ => Err(ParseOutcome::Error(Error::usage(first_line(
-                    &e.to_string(),
-                )))),
+                _ => Err(ParseOutcome::Error(Error::usage(one_line(&e)))),
             },
         }
     }
@@ -219,9 +220,43 @@ pub enum ParseOutcome {
     Error(Error),
 }
 
-fn first_line(text: &str) -> String {
-    let line = text.lines().next().unwrap_or("bad arguments");
-    line.strip_prefix("error: ").unwrap_or(line).to_string()
+/// clap's error as one line: what is wrong, the argument it is about, and
+/// what clap lists under it (the possible values, the missing arguments, a
+/// similar argument), without the usage and `--help` lines that follow.
+///
+/// `invalid value 'bogus' for '--mode <MODE>' [possible values: fork, thread]`,
+/// `the following required arguments were not provided: --addr <ADDR>`,
+/// `unexpected argument '--mod' found; tip: a similar argument exists: '--mode'`.
+pub(crate) fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut out = String::new();
+    // After a line ending in ':' clap lists items, one per line.
+    let mut listing = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') || line.starts_with('[') {
+                " "
+            } else if listing && !line.starts_with("tip:") {
+                ", "
+            } else {
+                "; "
+            });
+        }
+        listing = line.ends_with(':') || (listing && !line.starts_with("tip:"));
+        out.push_str(line);
+    }
+    if out.is_empty() {
+        "bad arguments".to_string()
+    } else {
+        out
+    }
 }
 
 /// The longest duration any option takes: ten years (as humantime counts

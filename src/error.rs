@@ -63,6 +63,36 @@ pub fn describe(err: &io::Error) -> String {
     }
 }
 
+/// A syslog error said once, plainly. The syslog crate wraps the OS error
+/// it met in layers that each add their name (`Initialization error: Io
+/// error: No such file or directory (os error 2)`); this is the innermost
+/// error alone, as [`describe`] says it (`No such file or directory`).
+pub fn describe_syslog(err: &syslog::Error) -> String {
+    match err {
+        syslog::Error::Io(e) | syslog::Error::Write(e) => describe(e),
+        syslog::Error::Initialization(inner) => {
+            if let Some(e) = inner.downcast_ref::<syslog::Error>() {
+                describe_syslog(e)
+            } else if let Some(e) = inner.downcast_ref::<io::Error>() {
+                describe(e)
+            } else {
+                inner.to_string()
+            }
+        }
+    }
+}
+
+/// `1 connection`, `2 connections`: a count with its noun in the number it takes.
+///
+/// ```
+/// use forkd::error::count;
+/// assert_eq!(count(1, "connection", "connections"), "1 connection");
+/// assert_eq!(count(0, "process", "processes"), "0 processes");
+/// ```
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
@@ -70,3 +100,23 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syslog_error_is_said_once() {
+        let enoent = || io::Error::from_raw_os_error(libc::ENOENT);
+        let nested = syslog::Error::Initialization(Box::new(syslog::Error::Io(enoent())));
+        assert_eq!(
+            nested.to_string(),
+            "Initialization error: Io error: No such file or directory (os error 2)"
+        );
+        assert_eq!(describe_syslog(&nested), "No such file or directory");
+        let direct = syslog::Error::Initialization(Box::new(enoent()));
+        assert_eq!(describe_syslog(&direct), "No such file or directory");
+        let text = syslog::Error::Initialization("unix socket paths not found".into());
+        assert_eq!(describe_syslog(&text), "unix socket paths not found");
+    }
+}

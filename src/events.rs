@@ -9,14 +9,9 @@ use log::{debug, error, info, warn};
 
 use crate::model::{How, Terms};
 
-/// "1 connection", "2 connections".
-pub fn count(n: impl Into<u64>, noun: &str) -> String {
-    let n = n.into();
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
+/// "1 connection", "2 connections" (plural by an `s`).
+fn count(n: impl Into<u64>, noun: &str) -> String {
+    crate::error::count(n.into(), noun, &format!("{noun}s"))
 }
 
 /// At most one line a second about one kind of trouble, with a count of the rest.

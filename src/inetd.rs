@@ -39,9 +39,9 @@ pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Err
     // journal, and the client just hears its end-of-file sooner.
     let _ = sock.shutdown(Shutdown::Write);
     info!(
-        "inetd conn {peer}: {}, {} bytes echoed",
+        "inetd conn {peer}: {}, {} echoed",
         outcome.end.describe(),
-        outcome.bytes
+        crate::error::count(outcome.bytes, "byte", "bytes")
     );
     Ok(match outcome.end {
         End::Error(_) => EXIT_OSERR,

@@ -167,7 +167,11 @@ fn syslog_sink(path: &Path) -> Result<Sink, Error> {
     let conn = connect(path, pid).map_err(|e| {
         Error::new(
             EXIT_OSERR,
-            format!("cannot connect to syslog at {}: {e}", path.display()),
+            format!(
+                "cannot connect to syslog at {}: {}",
+                path.display(),
+                crate::error::describe_syslog(&e)
+            ),
         )
     })?;
     Ok(Sink::Syslog {

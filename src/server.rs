@@ -141,10 +141,10 @@ fn announce(
         "listening"
     };
     info!(
-        "forkd {} {how} on {} (mode {model}, max {} connections), logging to {}",
+        "forkd {} {how} on {} (mode {model}, max {}), logging to {}",
         env!("CARGO_PKG_VERSION"),
         names.join(", "),
-        config.max_conns,
+        crate::error::count(config.max_conns as u64, "connection", "connections"),
         logging::describe()
     );
     if activated {

@@ -607,6 +607,25 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(&["--buffer", "0"], 64, "--buffer");
     check_error(&["--buffer", "1TiB"], 64, "--buffer");
     check_error(&["--mode", "prefork"], 64, "prefork");
+    // The line names the argument and what it may be.
+    check_error(
+        &["--mode", "prefork"],
+        64,
+        "'--mode <MODE>' [possible values: fork, thread]",
+    );
+    check_error(&["--reap"], 64, "'--reap <REAP>'");
+    check_error(&["--reap"], 64, "[possible values: handler, lazy, off]");
+    check_error(
+        &["--idle-timeout", "-1"],
+        64,
+        "'-1' for '--idle-timeout <DUR>'",
+    );
+    check_error(&["--max-per-ip", "-1"], 64, "'-1' for '--max-per-ip <N>'");
+    check_error(
+        &["--mod", "fork"],
+        64,
+        "a similar argument exists: '--mode'",
+    );
     check_error(
         &["--group", "daemon", "-l", "127.0.0.1:0"],
         64,
@@ -614,7 +633,11 @@ fn bad_arguments_exit_64_with_one_line() {
     );
     let help = forkd_run(&["--help"]);
     assert!(
-        help.status.success() && help.stdout.contains("--max-conns"),
+        help.status.success()
+            && help.stdout.contains("--max-conns")
+            && help
+                .stdout
+                .starts_with("forkd: a process-per-connection echo server"),
         "{help:?}"
     );
 }
@@ -846,4 +869,40 @@ fn ipv6_loopback_works() {
         &format!("child title {title:?}, expected {expected:?}"),
     );
     f.check(expected.starts_with("forkd: conn [::1]:"), &expected);
+}
+
+/// `scripts/zombie-lab.sh` bounds its own steps with LAB_TIMEOUT, not the
+/// learner reading at its prompts: at a terminal (script(1) gives it one), a
+/// reader who spends twice LAB_TIMEOUT at the five prompts of a mode still
+/// sees the lab through. And the watchdog still bounds the steps themselves.
+#[test]
+fn zombie_lab_times_its_steps_not_the_reader() {
+    let lab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zombie-lab.sh");
+    // The reader: Enter every 2 s, five times (the sleeps are the reading).
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"for i in 1 2 3 4 5; do sleep 2; echo; done | script -qec "$0 handler" /dev/null"#,
+    ])
+    .arg(&lab)
+    .env("FORKD", FORKD)
+    .env("LAB_TIMEOUT", "5");
+    let run = run_with_deadline(cmd, Duration::from_secs(60));
+    let out = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        run.status.success() && out.contains("Done.") && !out.contains("gave up"),
+        "the lab under a terminal with a slow reader: {:?}\n{out}",
+        run.status
+    );
+    assert_eq!(out.matches("[Enter to go on]").count(), 5, "{out}");
+
+    let mut cmd = Command::new(&lab);
+    cmd.arg("handler")
+        .env("FORKD", FORKD)
+        .env("LAB_TIMEOUT", "0");
+    let run = run_with_deadline(cmd, LONG);
+    assert!(
+        !run.status.success() && run.stderr.contains("zombie-lab: gave up"),
+        "LAB_TIMEOUT=0 must stop the lab: {run:?}"
+    );
 }

@@ -439,25 +439,75 @@ fn compare_writes_a_table_a_chart_and_json() {
     );
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("forkd-fork") && text.contains("forkd-thread"));
+    // It says what it shows without the README: colours, settings, machine.
+    for needed in [
+        "forkd, a process per connection",
+        "p99 latency, ms (log scale)",
+        "4 workers x 64 B for 1 s",
+        "Machine: ",
+    ] {
+        assert!(text.contains(needed), "compare.svg lacks {needed:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn bad_arguments_are_one_line_usage_errors() {
-    for args in [
-        &["rate", "--addr", "192.0.2.7:7"][..],
-        &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
-        &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
-        &["rate", "--addr", "127.0.0.1:7", "--pace", "0"],
-        &["compare", "--out", "x", "--workloads", "rate,nap"],
-        &["frobnicate"],
+    // Each is one line that names the argument, and what it may be.
+    for (args, mentions) in [
+        (&["rate", "--addr", "192.0.2.7:7"][..], "loopback"),
+        (
+            &["hold", "--addr", "127.0.0.1:7", "--conns", "0"],
+            "'--conns <N>'",
+        ),
+        (
+            &["stream", "--addr", "127.0.0.1:7", "--duration", "soon"],
+            "'soon' for '--duration <DUR>'",
+        ),
+        (&["rate", "--addr", "127.0.0.1:7", "--pace", "0"], "--pace"),
+        (
+            &["compare", "--out", "x", "--workloads", "rate,nap"],
+            "'nap' for '--workloads <WORKLOADS>' [possible values: rate, stream, hold]",
+        ),
+        (
+            &["compare", "--out", "x", "--modes", "fork,prefork"],
+            "[possible values: fork, thread]",
+        ),
+        (&["rate"], "not provided: --addr <ADDR>"),
+        (
+            &["rate", "--addr", "127.0.0.1:7", "--concurrency", "-3"],
+            "'-3' for '--concurrency <N>'",
+        ),
+        (&["hold", "--addr", "127.0.0.1:7", "--pid", "-1"], "--pid"),
+        (
+            &["frobnicate"],
+            "'frobnicate' [subcommands: rate, stream, hold, compare]",
+        ),
+        // No subcommand is a bad command line, not a request for help.
+        (&[], "no subcommand given: rate, stream, hold, compare"),
     ] {
         let out = load(args, LIMIT);
         assert_eq!(out.status.code(), Some(64), "{}", explain(args, &out));
         let err = &out.stderr;
         assert_eq!(err.lines().count(), 1, "{}", explain(args, &out));
         assert!(err.starts_with("forkd-load: error: "), "{err}");
+        assert!(err.contains(mentions), "expected {mentions:?}: {err}");
+        assert!(out.stdout.is_empty(), "{}", explain(args, &out));
     }
+    // --help describes the load generator, not the package.
+    let help = load(&["--help"], LIMIT);
+    assert_eq!(
+        help.status.code(),
+        Some(0),
+        "{}",
+        explain(&["--help"], &help)
+    );
+    assert!(
+        help.stdout
+            .starts_with("forkd-load: a load generator for echo servers"),
+        "{}",
+        help.stdout
+    );
     // Nothing listening: refused connections are errors, and the exit says so.
     let free = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -468,4 +518,138 @@ fn bad_arguments_are_one_line_usage_errors() {
     let out = load(&args, LIMIT);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
     assert!(num(&json(&args, &out), &["errors", "refused"]) > 0.0);
+}
+
+/// A figure as compare.md prints it: `6595`, `13.7k`, `31.9`.
+fn figure(cell: &str) -> f64 {
+    let cell = cell.trim();
+    match cell.strip_suffix('k') {
+        Some(k) => k.parse::<f64>().unwrap() * 1000.0,
+        None => cell.parse().unwrap(),
+    }
+}
+
+/// README's "A real run": its table, and the settings and machine its text
+/// gives (`DURATION=10s scripts/bench.sh`: 2 rounds; rate 32 workers x 64 B,
+/// stream 4 connections x 64 KiB, hold 2000; 2 CPUs, Linux 6.18.44).
+fn readme_run() -> forkd::load::compare::Comparison {
+    use forkd::load::cli::Workload;
+    use forkd::load::compare::{Comparison, Machine, Row, Settings};
+    use forkd::load::report::{Latency, Report};
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = &readme[readme
+        .find("### A real run")
+        .expect("README has a real run")..];
+    let servers: Vec<Row> = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| server |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|line| {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            let name = cells[0].to_string();
+            let family = match name.split('-').next() {
+                Some("forkd") => "forkd",
+                Some("floor") => "floor",
+                _ => "peer",
+            };
+            Row {
+                forks: !name.ends_with("thread"),
+                family,
+                rate: Some(Report {
+                    workload: "rate",
+                    conn_per_s: Some(figure(cells[1])),
+                    latency_us: Some(Latency {
+                        p50: figure(cells[2]) as u64,
+                        p99: figure(cells[3]) as u64,
+                        ..Latency::default()
+                    }),
+                    ok: true,
+                    ..Report::default()
+                }),
+                stream: Some(Report {
+                    workload: "stream",
+                    mib_per_s: Some(figure(cells[4])),
+                    ok: true,
+                    ..Report::default()
+                }),
+                hold: Some(Report {
+                    workload: "hold",
+                    pss_kib_per_conn: Some(figure(cells[5])),
+                    ok: true,
+                    ..Report::default()
+                }),
+                name,
+                stopped: "exit 0".into(),
+                notes: Vec::new(),
+                ok: true,
+            }
+        })
+        .collect();
+    assert_eq!(servers.len(), 8, "README's real run has eight servers");
+    Comparison {
+        machine: Machine {
+            kernel: "6.18.44".into(),
+            cpu: "Intel Xeon".into(),
+            cpus: 2,
+            pinned: None,
+        },
+        settings: Settings {
+            workloads: Workload::ALL.to_vec(),
+            duration_s: 10.0,
+            rounds: 2,
+            concurrency: 32,
+            size: 64,
+            pace_per_s: None,
+            stream_conns: 4,
+            stream_size: 64 << 10,
+            hold: 2000,
+            timeout_s: 5.0,
+        },
+        servers,
+        skipped: Vec::new(),
+        notes: Vec::new(),
+    }
+}
+
+/// docs/compare.svg, the README's chart, is README's real run drawn by this
+/// chart code: a change to either must redraw it, with
+/// `FORKD_REDRAW_DOCS=1 cargo test --test load docs_chart`.
+#[test]
+fn docs_chart_is_the_readme_run_drawn_by_this_code() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare.svg");
+    let dir = temp_dir("docs-chart");
+    let drawn = dir.join("compare.svg");
+    forkd::load::chart::draw(&drawn, &readme_run()).unwrap();
+    let drawn = std::fs::read_to_string(&drawn).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("FORKD_REDRAW_DOCS").is_some() {
+        std::fs::write(&docs, &drawn).unwrap();
+    }
+    // It reads without the README: legend, units and scales, settings, machine.
+    for needed in [
+        "forkd, a process per connection",
+        "forkd, a thread per connection",
+        "C floor server, fork",
+        "other servers, a thread per connection",
+        "p99 latency, ms (log scale)",
+        "9.48 ms",
+        "KiB per connection (log scale)",
+        "32 workers x 64 B for 10 s",
+        "4 connections x 64 KiB writes",
+        "hold 2000 idle connections",
+        "2 rounds",
+        "2 CPUs (Intel Xeon), Linux 6.18.44.",
+    ] {
+        assert!(drawn.contains(needed), "the chart lacks {needed:?}");
+    }
+    assert!(!drawn.contains("µs"), "latency is in ms");
+    let committed = std::fs::read_to_string(&docs).unwrap();
+    assert!(
+        committed == drawn,
+        "docs/compare.svg is not README's run as this code draws it: \
+         FORKD_REDRAW_DOCS=1 cargo test --test load docs_chart"
+    );
 }

@@ -22,23 +22,42 @@ pub const MAX_HOLD: usize = 100_000;
 /// Largest message or chunk.
 pub const MAX_SIZE: usize = 16 << 20;
 
-/// forkd-load: load generator for echo servers, and the fork-vs-thread comparison.
+/// forkd-load: a load generator for echo servers (RFC 862) that checks every byte echoed.
+///
+/// Each subcommand loads one echo server on a loopback address (127.0.0.0/8
+/// or ::1) and reports what it measured, as text or as JSON: `rate` opens
+/// short connections as fast as the server takes them (or at a set pace) and
+/// times each; `stream` keeps a few connections echoing and measures the
+/// throughput; `hold` opens many idle connections and reports what they cost
+/// the server (processes, memory). `compare` starts forkd in both modes, and
+/// if asked the C floor servers and other echo servers, runs the workloads
+/// against each, and writes a table, a chart and JSON.
+///
+/// Every byte that comes back is compared with the byte sent; errors are
+/// counted by kind, and any error makes the exit status 1.
 #[derive(Parser, Debug)]
-#[command(name = "forkd-load", version, about, after_help = super::EXIT_CODES_HELP)]
+// The doc comment above is the about text (a bare `about` would print the
+// package's description).
+#[command(name = "forkd-load", version, after_help = super::EXIT_CODES_HELP)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands; in each, a negative number is a (bad) value, not an option.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Short connections: connect, send, half-close, read the echo to its end, check, again.
+    #[command(allow_negative_numbers = true)]
     Rate(RateArgs),
     /// Long connections echoing continuously; every byte checked.
+    #[command(allow_negative_numbers = true)]
     Stream(StreamArgs),
     /// Open many idle connections, echo once on each, report what they cost the server.
+    #[command(allow_negative_numbers = true)]
     Hold(HoldArgs),
     /// Start forkd (and others) and compare them under the same workloads.
+    #[command(allow_negative_numbers = true)]
     Compare(CompareArgs),
 }
 
@@ -50,7 +69,7 @@ pub struct Common {
     pub addr: SocketAddr,
 
     /// The server's pid: its process tree's CPU time (and for hold, processes and memory) is reported.
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: Option<i32>,
 
     /// Limit on every connect, read and write; a slower one counts as a timeout.
@@ -218,21 +237,40 @@ impl Args {
     {
         match Args::try_parse_from(args) {
             Ok(a) => Ok(a),
-            Err(e) => match e.kind() {
-                clap::error::ErrorKind::DisplayHelp
-                | clap::error::ErrorKind::DisplayVersion
-                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                    Err(ParseOutcome::Print(e.render().to_string()))
-                }
-                _ => {
-                    let text = e.to_string();
-                    let line = text.lines().next().unwrap_or("bad arguments");
-                    let line = line.strip_prefix("error: ").unwrap_or(line);
-                    Err(ParseOutcome::Error(Error::usage(line.to_string())))
-                }
-            },
+            Err(e) => {
+                use clap::error::ErrorKind;
+                let message = match e.kind() {
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                        return Err(ParseOutcome::Print(e.render().to_string()));
+                    }
+                    // No subcommand is a bad command line (exit 64), not a request for help.
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => format!(
+                        "no subcommand given: {} (forkd-load --help describes them)",
+                        subcommands()
+                    ),
+                    ErrorKind::InvalidSubcommand => {
+                        format!(
+                            "{} [subcommands: {}]",
+                            crate::cli::one_line(&e),
+                            subcommands()
+                        )
+                    }
+                    _ => crate::cli::one_line(&e),
+                };
+                Err(ParseOutcome::Error(Error::usage(message)))
+            }
         }
     }
+}
+
+/// `rate, stream, hold, compare`: the subcommands, as clap knows them.
+fn subcommands() -> String {
+    use clap::CommandFactory;
+    let names: Vec<String> = Args::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    names.join(", ")
 }
 
 fn parse_loopback(s: &str) -> Result<SocketAddr, String> {

@@ -344,8 +344,7 @@ fn write_outputs(out: &Path, c: &Comparison) -> Result<(), Error> {
     let path = out.join("compare.md");
     std::fs::write(&path, markdown::render(c)).map_err(|e| cant_create(&path, e))?;
     let path = out.join("compare.svg");
-    let subtitle = format!("Linux {}, {} CPUs", c.machine.kernel, c.machine.cpus);
-    chart::draw(&path, &c.servers, &subtitle).map_err(|e| {
+    chart::draw(&path, c).map_err(|e| {
         Error::new(
             EXIT_CANTCREAT,
             format!("cannot draw {}: {e}", path.display()),

@@ -18,7 +18,7 @@ use super::proctree::Tree;
 use super::progress::Progress;
 use super::report::{Failure, Kind, Report};
 use super::sys;
-use crate::error::{EXIT_OSERR, EXIT_UNAVAILABLE, Error};
+use crate::error::{EXIT_OSERR, EXIT_UNAVAILABLE, Error, count};
 
 /// Descriptors kept free for everything that is not a held connection.
 const RESERVE: u64 = 64;
@@ -76,8 +76,9 @@ pub fn run(plan: &Plan, label: &str) -> Result<Report, Error> {
     let target = if limit < want {
         let n = limit.saturating_sub(RESERVE) as usize;
         r.notes.push(format!(
-            "RLIMIT_NOFILE hard limit allows {limit} descriptors: holding {n} of {} connections",
-            plan.conns
+            "RLIMIT_NOFILE hard limit allows {}: holding {n} of {}",
+            count(limit, "descriptor", "descriptors"),
+            count(plan.conns as u64, "connection", "connections")
         ));
         eprintln!("forkd-load: {}", r.notes[r.notes.len() - 1]);
         n
@@ -123,7 +124,7 @@ pub fn run(plan: &Plan, label: &str) -> Result<Report, Error> {
         if r.errors.timeout > before {
             r.notes.push(format!(
                 "the server stopped serving new connections after {}: not opening more",
-                held.len()
+                count(held.len() as u64, "connection", "connections")
             ));
             break;
         }

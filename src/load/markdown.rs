@@ -4,6 +4,7 @@
 use super::chart::short;
 use super::cli::Workload;
 use super::compare::{Comparison, Row, Settings};
+use crate::error::count;
 
 /// The whole file.
 pub fn render(c: &Comparison) -> String {
@@ -88,32 +89,51 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The line that says what each server was put through.
-fn workloads(s: &Settings) -> String {
+/// The line that says what each server was put through (also the chart's).
+pub fn workloads(s: &Settings) -> String {
     let each: Vec<String> = s
         .workloads
         .iter()
         .map(|w| match w {
             Workload::Rate => match s.pace_per_s {
                 Some(p) => format!(
-                    "rate {} workers x {} B, paced at {p} conn/s in all (open loop), for {} s",
-                    s.concurrency, s.size, s.duration_s
+                    "rate {} x {}, paced at {p} conn/s in all (open loop), for {} s",
+                    count(s.concurrency as u64, "worker", "workers"),
+                    bytes(s.size),
+                    s.duration_s
                 ),
                 None => format!(
-                    "rate {} workers x {} B for {} s",
-                    s.concurrency, s.size, s.duration_s
+                    "rate {} x {} for {} s",
+                    count(s.concurrency as u64, "worker", "workers"),
+                    bytes(s.size),
+                    s.duration_s
                 ),
             },
             Workload::Stream => format!(
-                "stream {} connections x {} B writes for {} s",
-                s.stream_conns, s.stream_size, s.duration_s
+                "stream {} x {} writes for {} s",
+                count(s.stream_conns as u64, "connection", "connections"),
+                bytes(s.stream_size),
+                s.duration_s
             ),
-            Workload::Hold => format!("hold {} idle connections", s.hold),
+            Workload::Hold => format!(
+                "hold {}",
+                count(s.hold as u64, "idle connection", "idle connections")
+            ),
         })
         .collect();
     format!(
-        "Workloads, each server in turn, {} round(s) in alternating order: {}.\n\n",
-        s.rounds,
+        "Workloads, each server in turn, {} in alternating order: {}.\n\n",
+        count(s.rounds.into(), "round", "rounds"),
         each.join("; ")
     )
+}
+
+/// A size as the options take it: `64 B`, `64 KiB`, `1 MiB`.
+fn bytes(n: usize) -> String {
+    match n {
+        0 => "0 B".to_string(),
+        n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
 }

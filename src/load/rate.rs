@@ -22,7 +22,7 @@ use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
 use super::sys;
 use super::workers;
-use crate::error::Error;
+use crate::error::{Error, count};
 
 /// Offsets into a worker's pattern, so consecutive connections send different bytes.
 const SHIFTS: usize = 251;
@@ -42,7 +42,7 @@ pub struct Plan {
     pub timeout: Duration,
     /// The server's pid, for its tree's CPU time.
     pub pid: Option<i32>,
-    /// Open loop: connections a second in all (see [`worker`]).
+    /// Open loop: connections a second in all (see `worker`).
     pub pace: Option<f64>,
 }
 
@@ -273,8 +273,8 @@ fn read_echo(s: &mut TcpStream, payload: &[u8], buf: &mut [u8]) -> Result<(), Fa
             return Err(Failure::new(
                 Kind::Extra,
                 format!(
-                    "at least {} bytes came back for {} sent",
-                    got + n,
+                    "at least {} came back for {} sent",
+                    count((got + n) as u64, "byte", "bytes"),
                     payload.len()
                 ),
             ));

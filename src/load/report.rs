@@ -11,6 +11,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::error::count;
+
 /// Why one connection (or one operation on it) failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -269,8 +271,8 @@ impl Report {
         };
         match self.workload {
             "rate" => out.push_str(&format!(
-                "{name}: {} connections in {:.2} s = {:.1} conn/s{}\n",
-                self.conns,
+                "{name}: {} in {:.2} s = {:.1} conn/s{}\n",
+                count(self.conns, "connection", "connections"),
                 self.elapsed_s,
                 self.conn_per_s.unwrap_or(0.0),
                 match self.pace_per_s {
@@ -279,16 +281,16 @@ impl Report {
                 }
             )),
             "stream" => out.push_str(&format!(
-                "{name}: {} connections, {:.1} MiB echoed and checked in {:.2} s = {:.1} MiB/s\n",
-                self.conns,
+                "{name}: {}, {:.1} MiB echoed and checked in {:.2} s = {:.1} MiB/s\n",
+                count(self.conns, "connection", "connections"),
                 self.bytes as f64 / MIB,
                 self.elapsed_s,
                 self.mib_per_s.unwrap_or(0.0)
             )),
             _ => out.push_str(&format!(
-                "{name}: {} of {} connections held and served\n",
+                "{name}: {} of {} held and served\n",
                 self.held.unwrap_or(0),
-                self.conns
+                count(self.conns, "connection", "connections")
             )),
         }
         if let Some(l) = &self.latency_us {
@@ -299,8 +301,10 @@ impl Report {
         }
         if let (Some(p), Some(t)) = (self.procs, self.threads) {
             out.push_str(&format!(
-                "  server tree: {p} processes, {t} threads, {} zombies\n",
-                self.zombies.unwrap_or(0)
+                "  server tree: {}, {}, {}\n",
+                count(p, "process", "processes"),
+                count(t, "thread", "threads"),
+                count(self.zombies.unwrap_or(0), "zombie", "zombies")
             ));
         }
         if let (Some(total), Some(base)) = (self.pss_kib_total, self.pss_kib_baseline) {
@@ -310,7 +314,11 @@ impl Report {
             ));
         }
         if let (Some(p), Some(z)) = (self.procs_after, self.zombies_after) {
-            out.push_str(&format!("  after closing: {p} processes, {z} zombies\n"));
+            out.push_str(&format!(
+                "  after closing: {}, {}\n",
+                count(p, "process", "processes"),
+                count(z, "zombie", "zombies")
+            ));
         }
         out.push_str(&format!("  errors: {}\n", self.errors.summary()));
         for (kind, msg) in &self.errors.examples {
@@ -340,3 +348,42 @@ impl Report {
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_of_a_kind_is_singular() {
+        let rate = Report {
+            workload: "rate",
+            addr: "127.0.0.1:7".into(),
+            conns: 1,
+            ..Report::default()
+        };
+        assert!(
+            rate.text().contains(": 1 connection in "),
+            "{}",
+            rate.text()
+        );
+        let hold = Report {
+            workload: "hold",
+            addr: "127.0.0.1:7".into(),
+            conns: 1,
+            held: Some(1),
+            procs: Some(1),
+            threads: Some(1),
+            zombies: Some(0),
+            procs_after: Some(1),
+            zombies_after: Some(1),
+            ..Report::default()
+        };
+        let text = hold.text();
+        assert!(text.contains("1 of 1 connection held"), "{text}");
+        assert!(text.contains("1 process, 1 thread, 0 zombies"), "{text}");
+        assert!(
+            text.contains("after closing: 1 process, 1 zombie"),
+            "{text}"
+        );
+    }
+}

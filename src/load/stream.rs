@@ -20,7 +20,7 @@ use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, MIB, Report};
 use super::sys;
 use super::workers;
-use crate::error::Error;
+use crate::error::{Error, count};
 
 /// Size of each reader's buffer.
 const READ_BUF: usize = 64 << 10;
@@ -157,7 +157,7 @@ fn connection(plan: &Plan, id: u64, deadline: Instant) -> (u64, Option<Failure>)
             )),
             (Ok(()), Ok(())) if got > sent => Some(Failure::new(
                 Kind::Extra,
-                format!("{got} bytes came back for {sent} sent"),
+                format!("{} came back for {sent} sent", count(got, "byte", "bytes")),
             )),
             _ => None,
         };
@@ -195,7 +195,7 @@ fn read_checked(s: &mut TcpStream, stream: &Cyclic) -> (u64, Result<(), Failure>
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
                 let mut f = Failure::io("read", &e);
-                f.message = format!("{} after {got} bytes", f.message);
+                f.message = format!("{} after {}", f.message, count(got, "byte", "bytes"));
                 return (got, Err(f));
             }
         };

@@ -25,6 +25,22 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// True when the tests run as root. When not, says on stderr, in one line
+/// that `cargo test`'s capture does not swallow, that the calling test is
+/// skipped and why, so the rest of the suite runs and the skip is seen.
+pub fn root_or_skip(test: &str, why: &str) -> bool {
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        return true;
+    }
+    // Written to the descriptor itself: libtest captures eprintln!, not this.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped {test}: needs root {why} (running as uid {euid})"
+    );
+    false
+}
+
 /// A running forkd, killed (SIGKILL) and waited for on drop.
 pub struct Forkd {
     pub child: Child,
