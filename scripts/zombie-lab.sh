@@ -165,7 +165,7 @@ run_mode() {
     off) note "forkd never reaps until it stops. Zombies pile up, and since each still" \
         "holds a place, they count against --max-conns (here -c $cap)." ;;
     esac
-    "$forkd" --reap "$mode" -c "$cap" -l 127.0.0.1:0 --print-addr --log stderr -v \
+    "$forkd" --reap "$mode" -c "$cap" --early-drop off -l 127.0.0.1:0 --print-addr --log stderr -v \
         >"$work/addr" 2>"$work/log" &
     forkd_pid=$!
     for _ in $(seq 100); do

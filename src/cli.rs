@@ -82,12 +82,28 @@ pub struct Config {
     pub max_conns: usize,
 
     /// Most connections at once from one source address (0: no limit).
-    #[arg(long = "max-per-ip", value_name = "N", default_value_t = 0)]
+    #[arg(long = "max-per-ip", value_name = "N", default_value_t = 32)]
     pub max_per_ip: u32,
+
+    /// Most connections at once from one source network, as cut by --net-prefix (0: no limit).
+    #[arg(long = "max-per-net", value_name = "N", default_value_t = 128)]
+    pub max_per_net: u32,
+
+    /// The network --max-per-net counts: IPv4 and IPv6 prefix lengths, as `24:64`.
+    #[arg(long = "net-prefix", value_name = "V4:V6", default_value = "24:64", value_parser = parse_prefixes)]
+    pub net_prefix: (u8, u8),
+
+    /// Nearly full, refuse new connections at random (START:RATE:FULL, percent of --max-conns; `off`: never).
+    #[arg(long = "early-drop", value_name = "START:RATE:FULL", default_value = "75:30:100", value_parser = parse_early_drop)]
+    pub early_drop: EarlyDrop,
 
     /// Close a connection with no progress in either direction for this long (0: never).
     #[arg(long = "idle-timeout", value_name = "DUR", default_value = "300s", value_parser = parse_timeout)]
     pub idle_timeout: Duration,
+
+    /// Close a connection that sent nothing at all for this long (0: the idle timeout applies).
+    #[arg(long = "first-byte-timeout", value_name = "DUR", default_value = "30s", value_parser = parse_timeout)]
+    pub first_byte_timeout: Duration,
 
     /// On SIGTERM/SIGINT, how long connections may finish before they are ended.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
@@ -206,6 +222,66 @@ impl Config {
     pub fn idle(&self) -> Option<Duration> {
         (!self.idle_timeout.is_zero()).then_some(self.idle_timeout)
     }
+
+    /// How long a connection may send nothing at all: the first-byte
+    /// timeout, bounded by the idle timeout (None: for ever).
+    pub fn first_byte(&self) -> Option<Duration> {
+        match (self.first_byte_timeout.is_zero(), self.idle()) {
+            (true, idle) => idle,
+            (false, None) => Some(self.first_byte_timeout),
+            (false, Some(idle)) => Some(self.first_byte_timeout.min(idle)),
+        }
+    }
+
+    /// The per-source limits.
+    pub fn sources(&self) -> crate::sources::Limits {
+        crate::sources::Limits {
+            per_ip: self.max_per_ip,
+            per_net: self.max_per_net,
+            v4_prefix: self.net_prefix.0,
+            v6_prefix: self.net_prefix.1,
+        }
+    }
+}
+
+/// `--early-drop START:RATE:FULL`, in percent of `--max-conns`: from START
+/// full on, a new connection is refused with probability RATE, rising
+/// linearly to 100 at FULL (OpenSSH's `MaxStartups`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EarlyDrop {
+    Off,
+    Between { start: u8, rate: u8, full: u8 },
+}
+
+fn parse_early_drop(s: &str) -> Result<EarlyDrop, String> {
+    if s == "off" {
+        return Ok(EarlyDrop::Off);
+    }
+    let bad = || {
+        format!("'{s}' is not START:RATE:FULL (percent, START < FULL <= 100, RATE <= 100) nor off")
+    };
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| p.parse::<u8>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [start, rate, full] = parts[..] else {
+        return Err(bad());
+    };
+    if start >= full || full > 100 || rate > 100 {
+        return Err(bad());
+    }
+    Ok(EarlyDrop::Between { start, rate, full })
+}
+
+fn parse_prefixes(s: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("'{s}' is not V4:V6 prefix lengths (0-32 and 0-128), as 24:64");
+    let (v4, v6) = s.split_once(':').ok_or_else(bad)?;
+    let v4: u8 = v4.parse().map_err(|_| bad())?;
+    let v6: u8 = v6.parse().map_err(|_| bad())?;
+    if v4 > 32 || v6 > 128 {
+        return Err(bad());
+    }
+    Ok((v4, v6))
 }
 
 /// The largest `--buffer`: far above any useful echo buffer, far below what

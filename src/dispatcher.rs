@@ -21,20 +21,22 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::PollTimeout;
 
+use crate::cli::EarlyDrop;
 use crate::counters::Counters;
 use crate::error::{EXIT_SOFTWARE, Error};
 use crate::events::{self, Throttle};
-use crate::limits::PerIp;
 use crate::listen::Listener;
 use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::signals::{Pending, Signals};
+use crate::sources::{Limits, Refused, Sources};
 use crate::table::Table;
 use crate::{logging, signals, systemd};
 
 /// Settings the dispatcher takes from the command line.
 pub struct Settings {
     pub max_conns: usize,
-    pub max_per_ip: u32,
+    pub sources: Limits,
+    pub early_drop: EarlyDrop,
     pub grace: Duration,
 }
 
@@ -45,7 +47,15 @@ pub struct Summary {
     pub ended: u64,
     /// Ended by a signal (fork) or a shutdown (thread), not by the client.
     pub forced: u64,
-    pub refused_per_ip: u64,
+    /// Refused by --max-per-ip, --max-per-net, --early-drop.
+    pub refused: Refusals,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Refusals {
+    pub per_ip: u64,
+    pub per_net: u64,
+    pub early: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +84,7 @@ struct Books {
     terms: &'static Terms,
     table: Table,
     counters: Counters,
-    per_ip: PerIp,
+    sources: Sources,
     summary: Summary,
     /// Something changed since the last STATUS= update.
     status_dirty: bool,
@@ -87,7 +97,7 @@ impl Books {
         let Some((slot, conn)) = self.table.end(id) else {
             return;
         };
-        self.per_ip.release(conn.peer.ip());
+        self.sources.release(conn.peer.ip());
         self.summary.ended += 1;
         if how.is_forced() {
             self.summary.forced += 1;
@@ -113,7 +123,10 @@ pub struct Dispatcher<M: Model> {
     pollfds: &'static mut [libc::pollfd],
     /// How many entries of `pollfds` the last poll used.
     polled: usize,
-    per_ip_log: Throttle,
+    refused_log: Throttle,
+    early_drop_log: Throttle,
+    /// xorshift state for --early-drop's coin.
+    coin: u64,
     start_fail_log: Throttle,
     accept_fail_log: Throttle,
     /// One per signal number.
@@ -131,6 +144,8 @@ impl<M: Model> Dispatcher<M> {
             .map_err(|e| Error::os("cannot map the connection table", e))?;
         let counters = Counters::new(settings.max_conns)
             .map_err(|e| Error::os("cannot map the byte counters", e))?;
+        let sources = Sources::new(settings.sources, settings.max_conns)
+            .map_err(|e| Error::os("cannot map the per-source counts", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
         let pollfds = unsafe { crate::memory::private::<libc::pollfd>(1 + listeners.len()) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
@@ -139,7 +154,7 @@ impl<M: Model> Dispatcher<M> {
                 terms: model.terms(),
                 table,
                 counters,
-                per_ip: PerIp::new(settings.max_per_ip),
+                sources,
                 summary: Summary::default(),
                 status_dirty: true,
             },
@@ -153,7 +168,9 @@ impl<M: Model> Dispatcher<M> {
             status_sent: None,
             pollfds,
             polled: 0,
-            per_ip_log: Throttle::default(),
+            refused_log: Throttle::default(),
+            early_drop_log: Throttle::default(),
+            coin: seed(),
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
             ignored_log: std::array::from_fn(|_| Throttle::default()),
@@ -431,20 +448,53 @@ impl<M: Model> Dispatcher<M> {
         }
     }
 
+    /// Nearly full (`--early-drop`): refuse this one at random?
+    fn drop_early(&mut self) -> bool {
+        let EarlyDrop::Between { start, rate, full } = self.settings.early_drop else {
+            return false;
+        };
+        // Never below one connection: a cap of 1 is never "nearly full" empty.
+        let percent = |p: u8| (self.settings.max_conns * p as usize / 100).max(1);
+        let (start, full) = (percent(start), percent(full));
+        let active = self.books.table.active();
+        if active < start || full <= start {
+            return false;
+        }
+        // RATE at START, rising linearly to 100 at FULL (per mille).
+        let rate = rate as usize * 10;
+        let chance = rate + (1000 - rate) * (active - start).min(full - start) / (full - start);
+        self.coin ^= self.coin << 13;
+        self.coin ^= self.coin >> 7;
+        self.coin ^= self.coin << 17;
+        (self.coin % 1000) < chance as u64
+    }
+
     /// Hand an accepted connection to the model, or refuse it.
     fn admit(&mut self, conn: OwnedFd, peer: SocketAddr) {
-        let books = &mut self.books;
-        if !books.per_ip.admit(peer.ip()) {
+        if self.drop_early() {
             drop(conn);
-            books.summary.refused_per_ip += 1;
-            if let Some(n) = self.per_ip_log.allow(Instant::now()) {
-                events::refused_per_ip(peer, self.settings.max_per_ip, n);
+            self.books.summary.refused.early += 1;
+            if let Some(n) = self.early_drop_log.allow(Instant::now()) {
+                events::dropped_early(peer, self.books.table.active(), self.settings.max_conns, n);
+            }
+            return;
+        }
+        let books = &mut self.books;
+        if let Err(why) = books.sources.admit(peer.ip()) {
+            drop(conn);
+            let r = &mut books.summary.refused;
+            match why {
+                Refused::Address => r.per_ip += 1,
+                Refused::Network => r.per_net += 1,
+            }
+            if let Some(n) = self.refused_log.allow(Instant::now()) {
+                events::refused(peer, why, books.sources.limits(), n);
             }
             return;
         }
         let Some(slot) = books.table.claim(peer) else {
             // Unreachable: accepting stops at the cap, and the table holds the cap.
-            books.per_ip.release(peer.ip());
+            books.sources.release(peer.ip());
             return;
         };
         let bytes = books.counters.start(slot);
@@ -457,7 +507,7 @@ impl<M: Model> Dispatcher<M> {
             }
             Err(e) => {
                 books.table.release(slot);
-                books.per_ip.release(peer.ip());
+                books.sources.release(peer.ip());
                 let now = Instant::now();
                 if let Some(n) = self.start_fail_log.allow(now) {
                     events::cannot_serve(peer, &crate::error::describe(&e), BACKOFF, n);
@@ -514,4 +564,12 @@ impl<M: Model> Dispatcher<M> {
             self.books.summary.ended,
         )
     }
+}
+
+/// A seed for `--early-drop`'s coin (never 0, which xorshift would keep).
+fn seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most `bytes.len()` bytes into `bytes`.
+    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    u64::from_ne_bytes(bytes) | 1
 }

@@ -33,6 +33,8 @@ pub enum End {
     Reset,
     /// No progress in either direction for the idle timeout.
     IdleTimeout,
+    /// Nothing at all came within the first-byte timeout.
+    Silent,
 }
 
 impl End {
@@ -42,6 +44,7 @@ impl End {
             End::Error(_) => "socket error",
             End::Reset => "reset by client",
             End::IdleTimeout => "idle timeout",
+            End::Silent => "sent nothing (first-byte timeout)",
         }
     }
 
@@ -59,31 +62,73 @@ pub struct Outcome {
     pub end: End,
 }
 
-/// Apply the idle timeout to the socket (None: wait for ever).
-pub fn set_idle_timeout(sock: &TcpStream, idle: Option<Duration>) -> io::Result<()> {
-    sock.set_read_timeout(idle)?;
-    sock.set_write_timeout(idle)
+/// What the echo handler reports and watches for as it runs.
+pub struct Watch<'a> {
+    /// Kept at the bytes sent back so far.
+    pub echoed: &'a AtomicU64,
+    /// Called once, just before the handler first waits for the client
+    /// (fork mode raises the process's OOM score there: see
+    /// `crate::child`). A connection whose data is already there when it
+    /// is served, and that ends without waiting, never calls it.
+    pub before_first_wait: Option<&'a dyn Fn()>,
+    /// Once the first byte has come, the receive timeout becomes this
+    /// (`--first-byte-timeout` gives way to `--idle-timeout`; None: wait
+    /// for ever); None: leave the socket's timeout as it is.
+    pub after_first_byte: Option<Option<Duration>>,
+}
+
+impl<'a> Watch<'a> {
+    /// Count into `echoed`, nothing else.
+    pub fn counting(echoed: &'a AtomicU64) -> Watch<'a> {
+        Watch {
+            echoed,
+            before_first_wait: None,
+            after_first_byte: None,
+        }
+    }
 }
 
 /// Echo everything on `sock` back to it until the client closes, using
-/// `buf`, and keep `echoed` at the bytes sent back so far.
+/// `buf`, and report as `watch` asks.
 ///
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
-pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], echoed: &AtomicU64) -> Outcome {
+pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_>) -> Outcome {
     let mut bytes = 0u64;
+    let mut received = false;
+    // Until the hook has run, receive without waiting: EAGAIN then means
+    // "would wait", not a timeout.
+    let mut hook = watch.before_first_wait;
     loop {
-        let data = match receive(sock, buf) {
+        let flags = if hook.is_some() {
+            libc::MSG_DONTWAIT
+        } else {
+            0
+        };
+        let data = match receive(sock, buf, flags) {
             Ok([]) => break,
             Ok(data) => data,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
+                if let Some(f) = hook.take() {
+                    f();
+                }
+                continue;
+            }
             Err(e) => {
-                return Outcome {
-                    bytes,
-                    end: classify(&e),
+                let end = match classify(&e) {
+                    End::IdleTimeout if !received => End::Silent,
+                    end => end,
                 };
+                return Outcome { bytes, end };
             }
         };
+        if !received {
+            received = true;
+            if let Some(idle) = watch.after_first_byte {
+                let _ = sock.set_read_timeout(idle);
+            }
+        }
         let mut sent = 0;
         while sent < data.len() {
             match sock.write(&data[sent..]) {
@@ -96,7 +141,7 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], echoed: &AtomicU
                 Ok(k) => {
                     sent += k;
                     bytes += k as u64;
-                    echoed.store(bytes, Ordering::Relaxed);
+                    watch.echoed.store(bytes, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -117,10 +162,14 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], echoed: &AtomicU
 }
 
 /// One recv(2) into `buf`; returns the bytes received (empty at end of stream).
-fn receive<'a>(sock: &TcpStream, buf: &'a mut [MaybeUninit<u8>]) -> io::Result<&'a [u8]> {
+fn receive<'a>(
+    sock: &TcpStream,
+    buf: &'a mut [MaybeUninit<u8>],
+    flags: libc::c_int,
+) -> io::Result<&'a [u8]> {
     // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which is
     // valid for writes of that length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -157,8 +206,10 @@ mod tests {
         let (mut client, mut server) = pair();
         let echoed = std::sync::Arc::new(AtomicU64::new(0));
         let count = echoed.clone();
-        let t =
-            std::thread::spawn(move || serve(&mut server, &mut [MaybeUninit::uninit(); 7], &count));
+        let t = std::thread::spawn(move || {
+            let watch = Watch::counting(&count);
+            serve(&mut server, &mut [MaybeUninit::uninit(); 7], &watch)
+        });
         let data: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
         client.write_all(&data).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -178,12 +229,14 @@ mod tests {
     #[test]
     fn silent_client_times_out() {
         let (_client, mut server) = pair();
-        set_idle_timeout(&server, Some(Duration::from_millis(100))).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         let out = serve(
             &mut server,
             &mut [MaybeUninit::uninit(); 64],
-            &AtomicU64::new(0),
+            &Watch::counting(&AtomicU64::new(0)),
         );
-        assert_eq!(out.end, End::IdleTimeout);
+        assert_eq!(out.end, End::Silent, "nothing sent: silent, not idle");
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::model::{How, Terms};
+use crate::sources::{self, Limits, Refused};
 
 /// "1 connection", "2 connections" (plural by an `s`).
 fn count(n: impl Into<u64>, noun: &str) -> String {
@@ -45,11 +46,25 @@ pub fn started(terms: &Terms, id: u64, peer: SocketAddr) {
     debug!("start {} {id} for {peer}", terms.id);
 }
 
-pub fn refused_per_ip(peer: SocketAddr, limit: u32, suppressed: u64) {
+pub fn refused(peer: SocketAddr, why: Refused, limits: Limits, suppressed: u64) {
+    let (who, limit, option) = match why {
+        Refused::Address => (peer.ip().to_string(), limits.per_ip, "--max-per-ip"),
+        Refused::Network => (
+            sources::network(peer.ip(), limits),
+            limits.per_net,
+            "--max-per-net",
+        ),
+    };
     warn!(
-        "refused {peer}: {} has {} already (--max-per-ip){}",
-        peer.ip(),
+        "refused {peer}: {who} has {} already ({option}){}",
         count(limit, "connection"),
+        more(suppressed)
+    );
+}
+
+pub fn dropped_early(peer: SocketAddr, active: usize, max: usize, suppressed: u64) {
+    warn!(
+        "dropped {peer}: {active}/{max} busy, refusing new connections at random (--early-drop){}",
         more(suppressed)
     );
 }
@@ -169,13 +184,14 @@ pub struct Dropped {
     pub notifications: u64,
 }
 
-/// The last line: what forkd did.
+/// The last line: what forkd did. `refused`: by --max-per-ip,
+/// --max-per-net, --early-drop.
 pub fn stopped(
     terms: &Terms,
     served: u64,
     ended: u64,
     forced: u64,
-    refused: u64,
+    refused: [u64; 3],
     dropped: Dropped,
 ) {
     let mut extra = String::new();
@@ -188,13 +204,13 @@ pub fn stopped(
             count(dropped.notifications, "notification")
         );
     }
+    let [per_ip, per_net, early] = refused;
     info!(
-        "stopped: {} served, {} ended ({} {}), {} refused by --max-per-ip{extra}",
+        "stopped: {} served, {} ended ({} {}), refused {per_ip} by --max-per-ip, {per_net} by --max-per-net, {early} by --early-drop{extra}",
         count(served, "connection"),
         ended,
         forced,
         terms.forced,
-        refused
     );
 }
 

@@ -15,6 +15,7 @@ pub fn for_end(end: End) -> i32 {
         End::Error(_) => 1,
         End::Reset => 2,
         End::IdleTimeout => 3,
+        End::Silent => 5,
     }
 }
 
@@ -26,13 +27,14 @@ pub fn describe(code: i32) -> &'static str {
         2 => "reset by client",
         3 => "idle timeout",
         PANIC => "panicked",
+        5 => "sent nothing (first-byte timeout)",
         _ => "unexpected exit",
     }
 }
 
 /// Is this an ordinary end (logged at info), rather than trouble (warning)?
 pub fn is_normal(code: i32) -> bool {
-    matches!(code, 0 | 2 | 3)
+    matches!(code, 0 | 2 | 3 | 5)
 }
 
 #[cfg(test)]
@@ -41,7 +43,13 @@ mod tests {
 
     #[test]
     fn every_end_has_its_own_code_and_meaning() {
-        for end in [End::Closed, End::Error(5), End::Reset, End::IdleTimeout] {
+        for end in [
+            End::Closed,
+            End::Error(5),
+            End::Reset,
+            End::IdleTimeout,
+            End::Silent,
+        ] {
             let code = for_end(end);
             assert_eq!(describe(code), end.describe());
             assert_eq!(is_normal(code), end.is_normal());

@@ -13,6 +13,8 @@
 
 use std::io;
 
+use crate::probe::{self, Probe};
+
 /// One entry: an id (0: empty) and its slot.
 #[derive(Clone, Copy)]
 struct Entry {
@@ -20,87 +22,47 @@ struct Entry {
     slot: u32,
 }
 
+impl probe::Entry for Entry {
+    fn is_empty(&self) -> bool {
+        self.id == 0
+    }
+    fn hash(&self) -> u64 {
+        self.id
+    }
+}
+
 pub struct IdIndex {
-    entries: &'static mut [Entry],
-    /// `entries.len() - 1`; the length is a power of two.
-    mask: usize,
+    probe: Probe<Entry>,
 }
 
 impl IdIndex {
-    /// An index for up to `n` ids at once (kept at most half full).
+    /// An index for up to `n` ids at once.
     pub fn new(n: usize) -> io::Result<IdIndex> {
-        let len = n
-            .max(8)
-            .checked_mul(2)
-            .and_then(usize::checked_next_power_of_two)
-            .ok_or_else(|| io::Error::other("id index too large"))?;
         // SAFETY: all-zero is an empty Entry.
-        let entries = unsafe { crate::memory::private::<Entry>(len)? };
-        Ok(IdIndex {
-            entries,
-            mask: len - 1,
-        })
+        let probe = unsafe { Probe::new(n)? };
+        Ok(IdIndex { probe })
     }
 
-    fn home(&self, id: u64) -> usize {
-        // Fibonacci hashing: consecutive pids land far apart.
-        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
-    }
-
-    /// Record that `id` (never 0) is served in `slot`. The caller keeps at
-    /// most `n` entries (see `new`), so there is always an empty place.
+    /// Record that `id` (never 0) is served in `slot`.
     pub fn insert(&mut self, id: u64, slot: u32) {
         debug_assert!(id != 0);
-        let mut i = self.home(id);
-        while self.entries[i].id != 0 {
-            i = (i + 1) & self.mask;
-        }
-        self.entries[i] = Entry { id, slot };
+        self.probe.insert(Entry { id, slot });
     }
 
     /// Remove `id`'s entry and return its slot; when `id` is there more than
     /// once, the entry whose slot `older` ranks first.
     pub fn take(&mut self, id: u64, older: impl Fn(u32, u32) -> bool) -> Option<u32> {
-        let mut found: Option<usize> = None;
-        let mut i = self.home(id);
-        while self.entries[i].id != 0 {
-            if self.entries[i].id == id
-                && found.is_none_or(|f| older(self.entries[i].slot, self.entries[f].slot))
-            {
-                found = Some(i);
-            }
-            i = (i + 1) & self.mask;
-        }
-        let at = found?;
-        let slot = self.entries[at].slot;
-        self.remove(at);
-        Some(slot)
-    }
-
-    /// Empty place `at` and move later entries of its run back, so that
-    /// every entry stays reachable from its home without tombstones.
-    fn remove(&mut self, mut at: usize) {
-        let mut i = at;
-        loop {
-            i = (i + 1) & self.mask;
-            let e = self.entries[i];
-            if e.id == 0 {
-                break;
-            }
-            let home = self.home(e.id);
-            // Does `e` belong after `at` (can it move back to `at`)? It can
-            // unless its home lies cyclically in (at, i].
-            let stays = if at <= i {
-                at < home && home <= i
+        let p = &self.probe;
+        let at = p.run(id).filter(|&i| p.get(i).id == id).reduce(|best, i| {
+            if older(p.get(i).slot, p.get(best).slot) {
+                i
             } else {
-                at < home || home <= i
-            };
-            if !stays {
-                self.entries[at] = e;
-                at = i;
+                best
             }
-        }
-        self.entries[at] = Entry { id: 0, slot: 0 };
+        })?;
+        let slot = self.probe.get(at).slot;
+        self.probe.remove(at);
+        Some(slot)
     }
 }
 
@@ -173,6 +135,6 @@ mod tests {
             let _ = slot;
             assert!(idx.take(id, |a, b| a < b).is_some());
         }
-        assert!(idx.entries.iter().all(|e| e.id == 0));
+        assert!(idx.probe.is_clear());
     }
 }

@@ -12,7 +12,11 @@ use crate::echo::{self, End};
 use crate::error::{EXIT_OK, EXIT_OSERR, Error};
 
 /// Echo on the socket at stdin until the client closes; returns the exit code.
-pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Error> {
+pub fn serve(
+    buffer: usize,
+    first_byte: Option<std::time::Duration>,
+    idle: Option<std::time::Duration>,
+) -> Result<u8, Error> {
     let stdin = std::io::stdin();
     match getsockopt(&stdin.as_fd(), sockopt::SockType) {
         Ok(SockType::Stream) => {}
@@ -29,9 +33,15 @@ pub fn serve(buffer: usize, idle: Option<std::time::Duration>) -> Result<u8, Err
     // SAFETY: fd 0 is a stream socket (checked above) that this process owns
     // for its whole life; nothing else reads or writes it.
     let mut sock = unsafe { TcpStream::from_raw_fd(0) };
-    let _ = echo::set_idle_timeout(&sock, idle);
+    let _ = sock.set_read_timeout(first_byte);
+    let _ = sock.set_write_timeout(idle);
     let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
-    let outcome = echo::serve(&mut sock, &mut buf, &std::sync::atomic::AtomicU64::new(0));
+    let echoed = std::sync::atomic::AtomicU64::new(0);
+    let watch = echo::Watch {
+        after_first_byte: (first_byte != idle).then_some(idle),
+        ..echo::Watch::counting(&echoed)
+    };
+    let outcome = echo::serve(&mut sock, &mut buf, &watch);
     // Send our FIN now rather than at exit. Classic inetd also hands the
     // connection over as stderr, so a log line written before the FIN would
     // reach the client as part of its echo. After the shutdown such a line

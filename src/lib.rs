@@ -18,6 +18,7 @@
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
 //! - [`table`]: the dispatcher's private table of live connections.
 //! - [`ids`]: from a pid or connection number to its slot in the table.
+//! - [`probe`]: the private hash table under [`ids`] and [`sources`].
 //! - [`counters`]: the byte counters, the only memory children share with
 //!   the dispatcher (untrusted, reported only).
 //! - [`memory`]: private (not inherited) and shared mappings for the tables.
@@ -26,7 +27,8 @@
 //! - [`events`]: the dispatcher's log lines, one helper per event.
 //! - [`logging`]: stderr, journald prefixes or syslog, with per-child pids.
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
-//! - [`limits`]: the descriptor limit and `--max-per-ip` counting.
+//! - [`limits`]: the descriptor limit and the start-up checks of `--max-conns`.
+//! - [`sources`]: `--max-per-ip` and `--max-per-net` counting.
 //! - [`privdrop`]: `--user` / `--group`.
 //! - [`title`]: process names and titles for `ps`.
 //! - [`error`]: start-up errors and the documented exit codes.
@@ -60,9 +62,11 @@ pub mod logging;
 pub mod memory;
 pub mod model;
 pub mod privdrop;
+pub mod probe;
 pub mod reaper;
 pub mod server;
 pub mod signals;
+pub mod sources;
 pub mod systemd;
 pub mod table;
 pub mod thread;

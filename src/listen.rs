@@ -114,25 +114,34 @@ impl Listener {
 }
 
 impl Listener {
-    /// Give every socket this listener accepts the idle timeout (None:
-    /// none), as SO_RCVTIMEO and SO_SNDTIMEO (see [`crate::echo`]).
+    /// Give every socket this listener accepts its timeouts (None: none):
+    /// SO_RCVTIMEO the first-byte timeout (the echo handler moves it to the
+    /// idle timeout once a byte came), SO_SNDTIMEO the idle timeout (see
+    /// [`crate::echo`]).
     ///
     /// Linux copies both options from a listening socket to each socket it
     /// accepts, so setting them here once spares every connection two
     /// setsockopt calls.
-    pub fn set_idle_timeout(&self, idle: Option<std::time::Duration>) -> Result<(), Error> {
-        // `--idle-timeout` is at most ten years (cli::MAX_DURATION), so the
+    pub fn set_timeouts(
+        &self,
+        first_byte: Option<std::time::Duration>,
+        idle: Option<std::time::Duration>,
+    ) -> Result<(), Error> {
+        // Durations are at most ten years (cli::MAX_DURATION), so the
         // seconds fit a time_t; saturate anyway rather than wrap negative.
-        let tv = nix::sys::time::TimeVal::from(libc::timeval {
-            tv_sec: idle.map_or(0, |d| {
-                libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX)
-            }),
-            tv_usec: idle.map_or(0, |d| d.subsec_micros() as libc::suseconds_t),
-        });
-        let what = || format!("cannot set the idle timeout on {}", self.name);
-        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv)
+        let tv = |d: Option<std::time::Duration>| {
+            nix::sys::time::TimeVal::from(libc::timeval {
+                tv_sec: d.map_or(0, |d| {
+                    libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX)
+                }),
+                tv_usec: d.map_or(0, |d| d.subsec_micros() as libc::suseconds_t),
+            })
+        };
+        let what = || format!("cannot set the timeouts on {}", self.name);
+        socket::setsockopt(&self.fd, sockopt::ReceiveTimeout, &tv(first_byte))
             .map_err(|e| Error::os(what(), e))?;
-        socket::setsockopt(&self.fd, sockopt::SendTimeout, &tv).map_err(|e| Error::os(what(), e))
+        socket::setsockopt(&self.fd, sockopt::SendTimeout, &tv(idle))
+            .map_err(|e| Error::os(what(), e))
     }
 }
 

@@ -28,7 +28,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
     ensure_stdio();
     logging::init(config.log, &config.syslog_socket, config.level())?;
     if config.inetd {
-        return inetd::serve(config.buffer, config.idle());
+        return inetd::serve(config.buffer, config.first_byte(), config.idle());
     }
     limits::check_start(&config)?;
     // Resolve names before binding, so a typo fails before anything happens.
@@ -45,7 +45,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
         }
     }
     for l in &listeners {
-        l.set_idle_timeout(config.idle())?;
+        l.set_timeouts(config.first_byte(), config.idle())?;
     }
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;
@@ -57,10 +57,13 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     let settings = Settings {
         max_conns: config.max_conns,
-        max_per_ip: config.max_per_ip,
+        sources: config.sources(),
+        early_drop: config.early_drop,
         grace: config.grace,
     };
     title::set_comm(c"forkd");
+    // Once a byte came, the first-byte timeout gives way to the idle one.
+    let after_first_byte = (config.first_byte() != config.idle()).then_some(config.idle());
     match config.mode {
         Mode::Fork => {
             // Room in the ring for every child forkd can have, plus margin.
@@ -76,6 +79,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.die_with_parent,
                 dispatcher,
                 title::TitleArea::capture(),
+                after_first_byte,
             );
             let model = ForkModel::new(config.reap, setup, config.buffer);
             serve(
@@ -83,7 +87,12 @@ pub fn run(config: Config) -> Result<u8, Error> {
             )
         }
         Mode::Thread => {
-            let model = ThreadModel::new(config.thread_stack, config.buffer, config.max_conns);
+            let model = ThreadModel::new(
+                config.thread_stack,
+                config.buffer,
+                config.max_conns,
+                after_first_byte,
+            );
             let (l, s) = (listeners, settings);
             serve(&config, model, Children::None, l, s, activated, nofile)
         }
@@ -115,14 +124,8 @@ fn serve<M: Model>(
         log_lines: logging::dropped_lines(),
         notifications: systemd::dropped_notifications(),
     };
-    events::stopped(
-        terms,
-        s.served,
-        s.ended,
-        s.forced,
-        s.refused_per_ip,
-        dropped,
-    );
+    let r = [s.refused.per_ip, s.refused.per_net, s.refused.early];
+    events::stopped(terms, s.served, s.ended, s.forced, r, dropped);
     Ok(EXIT_OK)
 }
 

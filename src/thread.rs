@@ -80,9 +80,20 @@ pub struct ThreadModel {
     buffer: usize,
 }
 
+/// The receive timeout once the first byte came (see [`echo::Watch`]); set
+/// once, before the first thread starts.
+static AFTER_FIRST_BYTE: std::sync::OnceLock<Option<Option<std::time::Duration>>> =
+    std::sync::OnceLock::new();
+
 impl ThreadModel {
     /// For up to `max_conns` connections at once.
-    pub fn new(stack: usize, buffer: usize, max_conns: usize) -> ThreadModel {
+    pub fn new(
+        stack: usize,
+        buffer: usize,
+        max_conns: usize,
+        after_first_byte: Option<Option<std::time::Duration>>,
+    ) -> ThreadModel {
+        let _ = AFTER_FIRST_BYTE.set(after_first_byte);
         let hub: &'static Hub = Box::leak(Box::new(Hub {
             ends: Mutex::new(Vec::with_capacity(max_conns)),
             wake_on_end: AtomicBool::new(true),
@@ -196,7 +207,11 @@ fn serve(s: &'static Slot) {
     let bytes = unsafe { s.bytes.load(Ordering::Relaxed).as_ref() }.unwrap_or(&unused);
     let outcome = match buffer.as_deref_mut() {
         Some(buf) => {
-            panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, bytes))).ok()
+            let watch = echo::Watch {
+                after_first_byte: AFTER_FIRST_BYTE.get().copied().flatten(),
+                ..echo::Watch::counting(bytes)
+            };
+            panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, &watch))).ok()
         }
         None => None,
     }

@@ -185,7 +185,10 @@ fn idle_timeout_ends_silent_and_non_reading_clients(mode: &str) {
     f.check(failed, "writes to a non-reading client never failed");
     f.check(
         wait_until(Duration::from_secs(10), || {
-            lines_with(&f.log(), "idle timeout") >= 2
+            // The silent one met the first-byte timeout (which is never
+            // longer than the idle timeout), the hog the idle timeout.
+            lines_with(&f.log(), "idle timeout") >= 1
+                && lines_with(&f.log(), "sent nothing (first-byte timeout)") >= 1
         }),
         "idle timeouts not logged",
     );
@@ -732,4 +735,35 @@ fn thread_mode_survives_buffers_memory_cannot_give() {
     );
     f.signal(libc::SIGTERM);
     f.expect_clean_exit(Duration::from_secs(15));
+}
+
+#[test]
+fn a_client_that_sends_nothing_meets_the_shorter_first_byte_timeout() {
+    for mode in ["fork", "thread"] {
+        let f = Forkd::start(&[
+            "--mode",
+            mode,
+            "--first-byte-timeout",
+            "300ms",
+            "--idle-timeout",
+            "20s",
+        ]);
+        let start = Instant::now();
+        let mut silent = connect(f.addr());
+        let mut b = [0u8; 1];
+        let n = silent.read(&mut b);
+        f.check(
+            matches!(n, Ok(0)) && start.elapsed() < Duration::from_secs(5),
+            &format!("{mode}: silent client: {n:?} after {:?}", start.elapsed()),
+        );
+        f.check(
+            f.wait_log("sent nothing (first-byte timeout)", Duration::from_secs(10)),
+            "not logged",
+        );
+        // Once a byte came, pauses longer than the first-byte timeout are fine.
+        let mut slow = connect(f.addr());
+        ping(&mut slow, b"a");
+        std::thread::sleep(Duration::from_millis(800));
+        ping(&mut slow, b"b");
+    }
 }

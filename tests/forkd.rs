@@ -537,7 +537,10 @@ fn restart_binds_at_once_despite_server_side_time_wait() {
         "the idle connection was not closed by forkd",
     );
     drop(idle);
-    f.check(f.wait_log("idle timeout", LONG), "no idle timeout end line");
+    f.check(
+        f.wait_log("first-byte timeout", LONG),
+        "no timeout end line",
+    );
     f.signal(libc::SIGTERM);
     f.expect_clean_exit(LONG);
     const TIME_WAIT: u8 = 0x06;

@@ -256,7 +256,11 @@ fn under_memory_pressure_a_connection_dies_before_the_dispatcher() {
         "expected one child",
     );
     let kid = f.live_children()[0];
-    let (parent, child) = (oom_score_adj(f.pid()), oom_score_adj(kid));
+    // The child raises its score before it first waits for its client.
+    let parent = oom_score_adj(f.pid());
+    let raised = (parent + 500).min(1000);
+    wait_until(LONG, || oom_score_adj(kid) == raised);
+    let child = oom_score_adj(kid);
     f.check(
         child == (parent + 500).min(1000) && child > parent,
         &format!("oom_score_adj: dispatcher {parent}, child {child}"),

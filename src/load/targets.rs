@@ -132,7 +132,17 @@ impl Launcher {
                 let mode = if mode == Mode::Fork { "fork" } else { "thread" };
                 let mut cmd = Command::new(&self.forkd);
                 cmd.args(["--print-addr", "-l", "127.0.0.1:0", "--log", "stderr", "-q"])
-                    .args(["--mode", mode, "--max-conns", &cap]);
+                    .args(["--mode", mode, "--max-conns", &cap])
+                    // The load comes from one address, as no public client
+                    // does: the per-source limits and early drop stay off.
+                    .args([
+                        "--max-per-ip",
+                        "0",
+                        "--max-per-net",
+                        "0",
+                        "--early-drop",
+                        "off",
+                    ]);
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
             Kind::FloorFork | Kind::FloorThread => {

@@ -52,6 +52,8 @@ pub struct Forkd {
 impl Forkd {
     /// Start `forkd --print-addr --log stderr -l 127.0.0.1:0 ARGS...` (no `-l`
     /// added when ARGS has one) and wait up to 10 s for its addresses.
+    /// Every client of a test comes from one address, so the per-source
+    /// limits and early drop are off unless ARGS sets them.
     pub fn start(args: &[&str]) -> Forkd {
         Forkd::start_with(Command::new(FORKD), args)
     }
@@ -61,6 +63,15 @@ impl Forkd {
         let mut full: Vec<String> = vec!["--print-addr".into(), "--log".into(), "stderr".into()];
         if !args.iter().any(|a| *a == "-l" || *a == "--listen") {
             full.extend(["-l".into(), "127.0.0.1:0".into()]);
+        }
+        for (option, off) in [
+            ("--max-per-ip", "0"),
+            ("--max-per-net", "0"),
+            ("--early-drop", "off"),
+        ] {
+            if !args.contains(&option) {
+                full.extend([option.into(), off.into()]);
+            }
         }
         full.extend(args.iter().map(|s| s.to_string()));
         Forkd::launch(cmd, full)
