@@ -68,8 +68,9 @@ pub struct ChildSetup {
     /// (both on the heap, as `comm`). None if the dispatcher's own could not
     /// be read.
     pub oom: Option<(CString, Vec<u8>)>,
-    /// The receive timeout once the first byte came (see [`echo::Watch`]).
-    pub after_first_byte: Option<Option<std::time::Duration>>,
+    /// The receive timeouts before and after the first byte (see [`echo::Watch`]).
+    pub first_byte: Option<std::time::Duration>,
+    pub idle: Option<std::time::Duration>,
 }
 
 /// How much more a connection's process is worth to the OOM killer than
@@ -83,7 +84,8 @@ impl ChildSetup {
         die_with_parent: bool,
         dispatcher: Pid,
         title: Option<TitleArea>,
-        after_first_byte: Option<Option<std::time::Duration>>,
+        first_byte: Option<std::time::Duration>,
+        idle: Option<std::time::Duration>,
     ) -> ChildSetup {
         let oom = std::fs::read_to_string("/proc/self/oom_score_adj")
             .ok()
@@ -101,15 +103,16 @@ impl ChildSetup {
             title,
             comm: c"forkd-conn".to_owned(),
             oom,
-            after_first_byte,
+            first_byte,
+            idle,
         }
     }
 }
 
 /// Raise this process's OOM score (see [`OOM_SCORE_ABOVE_DISPATCHER`]):
-/// just before the child first waits for its client, so every process
-/// that holds a connection open is raised, while a connection served and
-/// ended without waiting (its data there when the child came) pays
+/// once its connection proves long-lived ([`echo::Watch::on_long_lived`]:
+/// it waited a second for its client, or had to wait three times), so every
+/// process that holds a connection open is raised, while a short one pays
 /// nothing. (Raised right after the fork, it cost about 2 % of the
 /// connections a second, measured with `forkd-load rate`.)
 fn raise_oom_score(setup: &ChildSetup) {
@@ -157,8 +160,9 @@ pub fn serve(
     let raise = || raise_oom_score(setup);
     let watch = echo::Watch {
         echoed: bytes,
-        before_first_wait: Some(&raise),
-        after_first_byte: setup.after_first_byte,
+        first_byte: setup.first_byte,
+        idle: setup.idle,
+        on_long_lived: Some(&raise),
     };
     let outcome = echo::serve(&mut sock, buf, &watch);
     debug!(

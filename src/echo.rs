@@ -66,24 +66,34 @@ pub struct Outcome {
 pub struct Watch<'a> {
     /// Kept at the bytes sent back so far.
     pub echoed: &'a AtomicU64,
-    /// Called once, just before the handler first waits for the client
-    /// (fork mode raises the process's OOM score there: see
-    /// `crate::child`). A connection whose data is already there when it
-    /// is served, and that ends without waiting, never calls it.
-    pub before_first_wait: Option<&'a dyn Fn()>,
-    /// Once the first byte has come, the receive timeout becomes this
-    /// (`--first-byte-timeout` gives way to `--idle-timeout`; None: wait
-    /// for ever); None: leave the socket's timeout as it is.
-    pub after_first_byte: Option<Option<Duration>>,
+    /// The socket's receive timeout until the first byte comes (the
+    /// socket starts with it: `--first-byte-timeout`) and after it
+    /// (`--idle-timeout`); None: wait for ever.
+    pub first_byte: Option<Duration>,
+    pub idle: Option<Duration>,
+    /// Called once, when the connection proves long-lived: it has waited
+    /// [`PATIENCE`] at a stretch for its client, or had to wait
+    /// [`LONG_LIVED_WAITS`] times. Fork mode raises the process's OOM score
+    /// there (see `crate::child`). A short connection never calls it.
+    pub on_long_lived: Option<&'a dyn Fn()>,
 }
 
+/// See [`Watch::on_long_lived`]. The first wait of a connection that still
+/// has this hook is cut to this long; if it expires, the hook runs and the
+/// wait goes on for the whole receive timeout (so a timeout can end up to
+/// this much later than set).
+pub const PATIENCE: Duration = Duration::from_secs(1);
+/// See [`Watch::on_long_lived`].
+pub const LONG_LIVED_WAITS: u32 = 3;
+
 impl<'a> Watch<'a> {
-    /// Count into `echoed`, nothing else.
+    /// Count into `echoed`; the socket's timeouts never change.
     pub fn counting(echoed: &'a AtomicU64) -> Watch<'a> {
         Watch {
             echoed,
-            before_first_wait: None,
-            after_first_byte: None,
+            first_byte: None,
+            idle: None,
+            on_long_lived: None,
         }
     }
 }
@@ -93,14 +103,26 @@ impl<'a> Watch<'a> {
 ///
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
+///
+/// Cost of the long-lived hook to a short connection: its receives are
+/// non-blocking until one would wait, and that one wait gets a short
+/// timeout first: one `setsockopt` more, where raising the OOM score at
+/// every fork cost three system calls into `/proc` (about 2 % of the
+/// connections a second, `forkd-load rate`).
 pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_>) -> Outcome {
     let mut bytes = 0u64;
     let mut received = false;
-    // Until the hook has run, receive without waiting: EAGAIN then means
-    // "would wait", not a timeout.
-    let mut hook = watch.before_first_wait;
+    let mut hook = watch.on_long_lived;
+    let mut waits = 0;
+    // The socket's receive timeout is PATIENCE (or less), not the real one.
+    let mut short = false;
     loop {
-        let flags = if hook.is_some() {
+        let real = if received {
+            watch.idle
+        } else {
+            watch.first_byte
+        };
+        let flags = if hook.is_some() && !short {
             libc::MSG_DONTWAIT
         } else {
             0
@@ -110,10 +132,30 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
             Ok(data) => data,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
-                if let Some(f) = hook.take() {
-                    f();
+                if !short {
+                    // It would wait: wait PATIENCE first.
+                    let _ = sock.set_read_timeout(Some(real.map_or(PATIENCE, |t| t.min(PATIENCE))));
+                    short = true;
+                    continue;
                 }
-                continue;
+                if real.is_none_or(|t| t > PATIENCE) {
+                    // Waited PATIENCE: long-lived. Wait on, for the real timeout.
+                    if let Some(f) = hook.take() {
+                        f();
+                    }
+                    let _ = sock.set_read_timeout(real);
+                    short = false;
+                    continue;
+                }
+                // The short wait was the whole timeout.
+                return Outcome {
+                    bytes,
+                    end: if received {
+                        End::IdleTimeout
+                    } else {
+                        End::Silent
+                    },
+                };
             }
             Err(e) => {
                 let end = match classify(&e) {
@@ -123,11 +165,21 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
                 return Outcome { bytes, end };
             }
         };
-        if !received {
-            received = true;
-            if let Some(idle) = watch.after_first_byte {
-                let _ = sock.set_read_timeout(idle);
+        let was_short = short;
+        let switch = !received && watch.first_byte != watch.idle;
+        received = true;
+        if was_short {
+            short = false;
+            waits += 1;
+            if waits >= LONG_LIVED_WAITS
+                && let Some(f) = hook.take()
+            {
+                f();
             }
+        }
+        if switch || was_short {
+            // The first byte's timeout, or the short one, gives way to the idle one.
+            let _ = sock.set_read_timeout(watch.idle);
         }
         let mut sent = 0;
         while sent < data.len() {
@@ -238,5 +290,64 @@ mod tests {
             &Watch::counting(&AtomicU64::new(0)),
         );
         assert_eq!(out.end, End::Silent, "nothing sent: silent, not idle");
+    }
+
+    /// Run `client` against `serve` with a long-lived hook; how many times did it run?
+    fn hook_calls(client: impl FnOnce(&mut TcpStream) + Send + 'static) -> (usize, Outcome) {
+        let (mut c, mut server) = pair();
+        let t = std::thread::spawn(move || client(&mut c));
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let count = AtomicU64::new(0);
+        let hook = || {
+            calls.fetch_add(1, Ordering::Relaxed);
+        };
+        let watch = Watch {
+            first_byte: Some(Duration::from_secs(5)),
+            idle: Some(Duration::from_secs(5)),
+            on_long_lived: Some(&hook),
+            ..Watch::counting(&count)
+        };
+        let out = serve(&mut server, &mut [MaybeUninit::uninit(); 64], &watch);
+        t.join().unwrap();
+        (calls.load(Ordering::Relaxed), out)
+    }
+
+    fn exchange(c: &mut TcpStream, msg: &[u8]) {
+        c.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn a_short_connection_is_not_long_lived() {
+        let (calls, out) = hook_calls(|c| {
+            exchange(c, b"hello");
+            c.shutdown(Shutdown::Write).unwrap();
+        });
+        assert_eq!((calls, out.end, out.bytes), (0, End::Closed, 5));
+    }
+
+    #[test]
+    fn a_connection_that_waits_a_second_is_long_lived() {
+        let (calls, out) = hook_calls(|c| {
+            exchange(c, b"hello");
+            std::thread::sleep(PATIENCE + Duration::from_millis(300));
+            exchange(c, b"again");
+            c.shutdown(Shutdown::Write).unwrap();
+        });
+        assert_eq!((calls, out.end, out.bytes), (1, End::Closed, 10));
+    }
+
+    #[test]
+    fn a_conversation_of_many_turns_is_long_lived() {
+        let (calls, out) = hook_calls(|c| {
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(20));
+                exchange(c, b"turn");
+            }
+            c.shutdown(Shutdown::Write).unwrap();
+        });
+        assert_eq!((calls, out.end, out.bytes), (1, End::Closed, 20));
     }
 }

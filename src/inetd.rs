@@ -38,7 +38,8 @@ pub fn serve(
     let mut buf = Box::<[u8]>::new_uninit_slice(buffer);
     let echoed = std::sync::atomic::AtomicU64::new(0);
     let watch = echo::Watch {
-        after_first_byte: (first_byte != idle).then_some(idle),
+        first_byte,
+        idle,
         ..echo::Watch::counting(&echoed)
     };
     let outcome = echo::serve(&mut sock, &mut buf, &watch);

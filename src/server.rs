@@ -62,8 +62,6 @@ pub fn run(config: Config) -> Result<u8, Error> {
         grace: config.grace,
     };
     title::set_comm(c"forkd");
-    // Once a byte came, the first-byte timeout gives way to the idle one.
-    let after_first_byte = (config.first_byte() != config.idle()).then_some(config.idle());
     match config.mode {
         Mode::Fork => {
             // Room in the ring for every child forkd can have, plus margin.
@@ -79,7 +77,8 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.die_with_parent,
                 dispatcher,
                 title::TitleArea::capture(),
-                after_first_byte,
+                config.first_byte(),
+                config.idle(),
             );
             let model = ForkModel::new(config.reap, setup, config.buffer);
             serve(
@@ -91,7 +90,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.thread_stack,
                 config.buffer,
                 config.max_conns,
-                after_first_byte,
+                (config.first_byte(), config.idle()),
             );
             let (l, s) = (listeners, settings);
             serve(&config, model, Children::None, l, s, activated, nofile)

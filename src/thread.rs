@@ -80,20 +80,16 @@ pub struct ThreadModel {
     buffer: usize,
 }
 
-/// The receive timeout once the first byte came (see [`echo::Watch`]); set
-/// once, before the first thread starts.
-static AFTER_FIRST_BYTE: std::sync::OnceLock<Option<Option<std::time::Duration>>> =
-    std::sync::OnceLock::new();
+type Timeouts = (Option<std::time::Duration>, Option<std::time::Duration>);
+
+/// The receive timeouts before and after the first byte (see
+/// [`echo::Watch`]); set once, before the first thread starts.
+static TIMEOUTS: std::sync::OnceLock<Timeouts> = std::sync::OnceLock::new();
 
 impl ThreadModel {
     /// For up to `max_conns` connections at once.
-    pub fn new(
-        stack: usize,
-        buffer: usize,
-        max_conns: usize,
-        after_first_byte: Option<Option<std::time::Duration>>,
-    ) -> ThreadModel {
-        let _ = AFTER_FIRST_BYTE.set(after_first_byte);
+    pub fn new(stack: usize, buffer: usize, max_conns: usize, timeouts: Timeouts) -> ThreadModel {
+        let _ = TIMEOUTS.set(timeouts);
         let hub: &'static Hub = Box::leak(Box::new(Hub {
             ends: Mutex::new(Vec::with_capacity(max_conns)),
             wake_on_end: AtomicBool::new(true),
@@ -207,8 +203,10 @@ fn serve(s: &'static Slot) {
     let bytes = unsafe { s.bytes.load(Ordering::Relaxed).as_ref() }.unwrap_or(&unused);
     let outcome = match buffer.as_deref_mut() {
         Some(buf) => {
+            let (first_byte, idle) = TIMEOUTS.get().copied().unwrap_or_default();
             let watch = echo::Watch {
-                after_first_byte: AFTER_FIRST_BYTE.get().copied().flatten(),
+                first_byte,
+                idle,
                 ..echo::Watch::counting(bytes)
             };
             panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, &watch))).ok()
