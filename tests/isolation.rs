@@ -3,6 +3,7 @@
 //! and the pid bookkeeping holds whatever the pid range.
 mod util;
 
+use std::io::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
@@ -265,4 +266,133 @@ fn under_memory_pressure_a_connection_dies_before_the_dispatcher() {
         child == (parent + 500).min(1000) && child > parent,
         &format!("oom_score_adj: dispatcher {parent}, child {child}"),
     );
+}
+
+/// A memory cgroup (v1 or v2) of its own, removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Option<MemoryCgroup> {
+        let name = format!("forkd-oom-test-{}", std::process::id());
+        for (root, v2) in [("/sys/fs/cgroup/memory", false), ("/sys/fs/cgroup", true)] {
+            let dir = std::path::Path::new(root).join(&name);
+            let limit_file = if v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            if !std::path::Path::new(root)
+                .join(if v2 { "cgroup.controllers" } else { "tasks" })
+                .exists()
+            {
+                continue;
+            }
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            let cg = MemoryCgroup { dir, v2 };
+            if std::fs::write(cg.dir.join(limit_file), limit.to_string()).is_ok() {
+                let swap = if v2 {
+                    "memory.swap.max"
+                } else {
+                    "memory.memsw.limit_in_bytes"
+                };
+                let _ = std::fs::write(
+                    cg.dir.join(swap),
+                    if v2 { "0".into() } else { limit.to_string() },
+                );
+                return Some(cg);
+            }
+        }
+        None
+    }
+
+    fn procs(&self) -> std::path::PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = self.v2;
+        wait_until(Duration::from_secs(10), || {
+            std::fs::remove_dir(&self.dir).is_ok()
+        });
+    }
+}
+
+#[test]
+fn out_of_memory_a_connection_is_killed_never_the_dispatcher() {
+    if !root_or_skip(
+        "out_of_memory_a_connection_is_killed_never_the_dispatcher",
+        "creating a memory cgroup",
+    ) {
+        return;
+    }
+    let Some(cg) = MemoryCgroup::new(24 << 20) else {
+        eprintln!("skipping out_of_memory_...: no memory cgroup can be made here");
+        return;
+    };
+    // forkd starts inside the cgroup (its children follow it there).
+    let procs = cg.procs();
+    let mut cmd = Command::new(FORKD);
+    // SAFETY: the closure only opens, writes and closes a file (no allocation
+    // beyond what the path already holds), before exec.
+    let path = std::ffi::CString::new(procs.to_str().unwrap()).unwrap();
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let me = b"0";
+            libc::write(fd, me.as_ptr().cast(), me.len());
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut f = Forkd::start_with(cmd, &["--buffer", "1MiB", "-c", "100"]);
+    let mut conns: Vec<std::net::TcpStream> = (0..30).map(|_| connect(f.addr())).collect();
+    for s in &mut conns {
+        ping(s, b"hi");
+    }
+    // Each child waits for more, and after a second raises its score.
+    let dispatcher = oom_score_adj(f.pid());
+    f.check(
+        wait_until(LONG, || {
+            let kids = f.live_children();
+            kids.len() == 30 && kids.iter().all(|&k| oom_score_adj(k) > dispatcher)
+        }),
+        "the children did not raise their OOM scores",
+    );
+    // Now every child fills its 1 MiB buffer: 30 MiB in a 24 MiB cgroup.
+    let senders: Vec<_> = conns
+        .iter()
+        .map(|s| {
+            let mut w = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = w.write_all(&vec![7u8; 1 << 20]);
+            })
+        })
+        .collect();
+    f.check(
+        f.wait_log("killed by SIGKILL", Duration::from_secs(30)),
+        "no child was killed: the cgroup never ran out of memory",
+    );
+    let alive = f.child.try_wait().unwrap().is_none();
+    f.check(alive, "the OOM killer took the dispatcher");
+    drop(conns);
+    for s in senders {
+        let _ = s.join();
+    }
+    let data = pattern(1000, 5);
+    f.check(
+        wait_until(LONG, || roundtrip(f.addr(), &data) == data),
+        "not serving after the OOM kill",
+    );
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(LONG);
 }
