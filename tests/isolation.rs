@@ -3,7 +3,6 @@
 //! and the pid bookkeeping holds whatever the pid range.
 mod util;
 
-use std::io::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
