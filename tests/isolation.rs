@@ -249,13 +249,7 @@ fn oom_score_adj(pid: i32) -> i32 {
 #[test]
 fn under_memory_pressure_a_connection_dies_before_the_dispatcher() {
     let f = Forkd::start(&[]);
-    let mut s = connect(f.addr());
-    ping(&mut s, b"hello\n");
-    f.check(
-        wait_until(LONG, || f.live_children().len() == 1),
-        "expected one child",
-    );
-    let kid = f.live_children()[0];
+    let (_s, kid) = f.connection_and_child();
     // The child raises its score before it first waits for its client.
     let parent = oom_score_adj(f.pid());
     let raised = (parent + 500).min(1000);

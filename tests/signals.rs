@@ -152,13 +152,7 @@ fn two_stop_signals_back_to_back_always_skip_the_grace_period() {
 #[test]
 fn a_child_dies_of_the_first_sigsegv() {
     let f = Forkd::start(&[]);
-    let mut s = connect(f.addr());
-    ping(&mut s, b"hello\n");
-    f.check(
-        wait_until(LONG, || f.live_children().len() == 1),
-        "expected one child",
-    );
-    let kid = f.live_children()[0];
+    let (_s, kid) = f.connection_and_child();
     // SAFETY: kill(2) on forkd's child.
     unsafe { libc::kill(kid, libc::SIGSEGV) };
     f.check(
@@ -176,13 +170,7 @@ fn a_child_gets_the_default_for_signals_the_dispatcher_handles() {
     // SIGUSR1 means "status" to the dispatcher; to a connection's process it
     // is the default, which ends it.
     let f = Forkd::start(&[]);
-    let mut s = connect(f.addr());
-    ping(&mut s, b"hello\n");
-    f.check(
-        wait_until(LONG, || f.live_children().len() == 1),
-        "expected one child",
-    );
-    let kid = f.live_children()[0];
+    let (_s, kid) = f.connection_and_child();
     // The dispatcher ignores SIGTTIN and SIGTTOU; its child does not.
     // SIGPIPE stays ignored in both.
     let ignored = |pid: i32| u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();

@@ -50,9 +50,8 @@ fn maps(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default()
 }
 
-#[test]
-#[ignore = "a full static release build (a minute or two): cargo test --test static_build -- --ignored"]
-fn static_build_is_static_and_serves_as_any_forkd() {
+/// Build (or find up to date) the static forkd with `scripts/build-static.sh`.
+fn build_static() -> PathBuf {
     let mut cmd = Command::new("sh");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-static.sh"))
         .env("CARGO_TARGET_DIR", target_dir());
@@ -62,8 +61,14 @@ fn static_build_is_static_and_serves_as_any_forkd() {
         "build-static.sh failed: {}",
         run.stderr
     );
-    let bin = PathBuf::from(run.stdout.trim());
-    assert!(bin.is_file(), "build-static.sh printed {:?}", run.stdout);
+    PathBuf::from(run.stdout.trim())
+}
+
+#[test]
+#[ignore = "a full static release build (a minute or two): cargo test --test static_build -- --ignored"]
+fn static_build_is_static_and_serves_as_any_forkd() {
+    let bin = build_static();
+    assert!(bin.is_file(), "build-static.sh printed {}", bin.display());
 
     // No program interpreter: nothing is loaded at run time.
     let headers = program_headers(&bin);
@@ -137,16 +142,7 @@ fn minor_faults(pid: i32) -> u64 {
 #[test]
 #[ignore = "a full static release build (a minute or two): cargo test --test static_build -- --ignored"]
 fn a_connection_costs_few_page_faults() {
-    let mut cmd = Command::new("sh");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-static.sh"))
-        .env("CARGO_TARGET_DIR", target_dir());
-    let run = run_with_deadline(cmd, Duration::from_secs(900));
-    assert!(
-        run.status.success(),
-        "build-static.sh failed: {}",
-        run.stderr
-    );
-    let bin = PathBuf::from(run.stdout.trim());
+    let bin = build_static();
     let f = Forkd::start_with(Command::new(&bin), &["-q"]);
     let addr = f.addr();
     let echo_once = || {

@@ -319,6 +319,18 @@ impl Forkd {
         }
     }
 
+    /// Open a connection, echo one message on it, and wait for the one
+    /// child serving it (fork mode, no other connection open); returns both.
+    pub fn connection_and_child(&self) -> (TcpStream, i32) {
+        let mut s = connect(self.addr());
+        ping(&mut s, b"hello\n");
+        self.check(
+            wait_until(Duration::from_secs(15), || self.live_children().len() == 1),
+            "expected one child",
+        );
+        (s, self.live_children()[0])
+    }
+
     /// Pids of the dispatcher's live (not zombie) children.
     pub fn live_children(&self) -> Vec<i32> {
         let mut pids: Vec<i32> = self
