@@ -898,3 +898,103 @@ fn live_standalone_service() {
     stop_lets_held_connection_finish(&c, unit, &mut held);
     assert!(warnings(&c, unit).is_empty(), "{:?}", warnings(&c, unit));
 }
+
+/// The Debian package of this build: `cargo xtask deb`, packaging the
+/// binaries `cargo test` built (`--no-build --profile dev`) rather than a
+/// release build of its own. Err: why it cannot be made.
+fn debian_package() -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut probe = Command::new(&cargo);
+    probe.args(["deb", "--version"]);
+    if !run(probe, 60 * SECOND).ok {
+        return Err("cargo-deb not installed (cargo install cargo-deb)".into());
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-forkd.deb");
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(repo())
+        .args([
+            "xtask",
+            "deb",
+            "--no-build",
+            "--profile",
+            "dev",
+            "--fast",
+            "--quiet",
+            "--output",
+        ])
+        .arg(&out);
+    let made = run(cmd, 600 * SECOND);
+    assert!(
+        made.ok && out.is_file(),
+        "cargo xtask deb failed:\n{}",
+        made.text()
+    );
+    Ok(out)
+}
+
+#[test]
+fn live_debian_package_installs_and_serves() {
+    let test = "live_debian_package_installs_and_serves";
+    if let Some(why) = cannot_run(test) {
+        if !why.is_empty() {
+            skip(test, &why);
+        }
+        return;
+    }
+    let deb = match debian_package() {
+        Ok(d) => d,
+        Err(why) => return skip(test, &why),
+    };
+    let c = match Container::boot(&[(&deb, "/mnt/forkd.deb")]) {
+        Ok(c) => c,
+        Err(why) => return skip(test, &why),
+    };
+    c.must("dpkg -i /mnt/forkd.deb");
+    // Installed, not enabled: the three deployments share port 7.
+    for unit in [
+        "forkd.socket",
+        "forkd-inetd.socket",
+        "forkd-standalone.service",
+    ] {
+        assert_eq!(c.prop(unit, "UnitFileState"), "disabled", "{unit}");
+        assert_eq!(c.prop(unit, "ActiveState"), "inactive", "{unit}");
+    }
+    for file in [
+        "/usr/bin/forkd",
+        "/usr/bin/forkd-load",
+        "/usr/lib/systemd/system/forkd-inetd@.service",
+        "/usr/share/man/man8/forkd.8.gz",
+        "/usr/share/man/man1/forkd-load.1.gz",
+        "/usr/share/bash-completion/completions/forkd",
+        "/usr/share/zsh/vendor-completions/_forkd",
+        "/usr/share/fish/vendor_completions.d/forkd.fish",
+        "/usr/share/doc/forkd/README.md",
+    ] {
+        c.must(&format!("dpkg -S {file} && test -s {file}"));
+    }
+    let sections = c.must("zcat /usr/share/man/man8/forkd.8.gz | grep '^\\.SH'");
+    for s in ["OPTIONS", "SIGNALS", "EXIT STATUS", "ENVIRONMENT", "FILES"] {
+        assert!(
+            sections.contains(&format!(".SH {s}")),
+            "forkd.8: {sections}"
+        );
+    }
+    assert!(c.must("forkd --version").starts_with("forkd "));
+
+    c.must("systemctl enable --now forkd.socket");
+    echo_once(&c, V4, b"packaged, over IPv4\n");
+    echo_once(&c, V6, b"packaged, over IPv6\n");
+    let unit = "forkd.service";
+    assert_eq!(c.prop(unit, "ActiveState"), "active");
+    assert!(c.prop(unit, "ExecStart").contains("path=/usr/bin/forkd "));
+    c.wait_prop(unit, "StatusText", "active 0/1024, served 2", 5 * SECOND);
+    check_sandbox(&c, c.main_pid(unit), "the packaged forkd.service", 0, true);
+    assert!(warnings(&c, unit).is_empty(), "{:?}", warnings(&c, unit));
+
+    // Removing the package stops what it started.
+    c.must("dpkg -r forkd");
+    assert_eq!(c.prop("forkd.socket", "ActiveState"), "inactive");
+    assert_eq!(c.prop(unit, "ActiveState"), "inactive");
+    assert!(!c.sh("test -e /usr/bin/forkd", 10 * SECOND).ok);
+}

@@ -80,6 +80,12 @@ fn assets(dir: &Path) -> Result<Vec<PathBuf>, String> {
         }
     }
     files.extend(debian_units()?);
+    // cargo-deb writes the maintainer scripts for the units (reload,
+    // stop on removal) only into a maintainer-scripts directory: ours has
+    // no scripts of its own.
+    let scripts = dir.join("debian");
+    std::fs::create_dir_all(&scripts)
+        .map_err(|e| format!("cannot create {}: {e}", scripts.display()))?;
     let mut written = Vec::new();
     for (rel, bytes) in files {
         let path = dir.join(rel);
