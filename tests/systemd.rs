@@ -935,7 +935,10 @@ fn install_sh_installs_into_destdir_and_uninstalls() {
     }
 
     let page = std::fs::read_to_string(share.join("man/man8/forkd.8")).unwrap();
-    assert!(page.contains(".SH SIGNALS") && page.contains("\\-\\-grace"), "{page}");
+    assert!(
+        page.contains(".SH SIGNALS") && page.contains("\\-\\-grace"),
+        "{page}"
+    );
     let bash = std::fs::read_to_string(share.join("bash-completion/completions/forkd")).unwrap();
     assert!(bash.contains("--first-byte-timeout"), "{bash}");
 
