@@ -14,6 +14,9 @@
 #               for units the administrator installs, which systemd always
 #               reads whatever PREFIX is)
 #   FORKD_BIN   install this forkd binary instead of building one
+#   FORKD_ASSETS  take the manual page and completions from this directory
+#               (as `cargo xtask assets DIR` writes them) instead of
+#               generating them with cargo xtask
 #   LINK        static (default) or dynamic (plain cargo build --release):
 #               the static build accepts about 30 % more connections a
 #               second, since every fork copies a smaller memory map
@@ -21,6 +24,10 @@
 # Installed files (and the only ones --uninstall removes; give it the same
 # PREFIX, DESTDIR and UNITDIR as the install):
 #   $PREFIX/bin/forkd
+#   $PREFIX/share/man/man8/forkd.8
+#   $PREFIX/share/bash-completion/completions/forkd
+#   $PREFIX/share/zsh/site-functions/_forkd
+#   $PREFIX/share/fish/vendor_completions.d/forkd.fish
 #   $UNITDIR/forkd.socket, forkd.service, forkd-standalone.service,
 #   $UNITDIR/forkd-inetd.socket, forkd-inetd@.service
 #
@@ -37,6 +44,13 @@ UNITS="forkd.socket forkd.service forkd-standalone.service forkd-inetd.socket fo
 here=$(cd "$(dirname "$0")/.." && pwd)
 bindir=$DESTDIR$PREFIX/bin
 unitdir=$DESTDIR$UNITDIR
+sharedir=$DESTDIR$PREFIX/share
+# Each generated file: its place under `cargo xtask assets`' directory, and
+# under $PREFIX/share.
+ASSETS="man/forkd.8:man/man8/forkd.8
+completions/bash/forkd:bash-completion/completions/forkd
+completions/zsh/_forkd:zsh/site-functions/_forkd
+completions/fish/forkd.fish:fish/vendor_completions.d/forkd.fish"
 
 die() {
     echo "install.sh: $1" >&2
@@ -44,7 +58,8 @@ die() {
 }
 
 uninstall() {
-    for f in "$bindir/forkd" $(for u in $UNITS; do echo "$unitdir/$u"; done); do
+    for f in "$bindir/forkd" $(for u in $UNITS; do echo "$unitdir/$u"; done) \
+        $(for a in $ASSETS; do echo "$sharedir/${a#*:}"; done); do
         if [ -e "$f" ] || [ -L "$f" ]; then
             rm -f "$f" || die "cannot remove $f"
             echo "removed $f"
@@ -74,9 +89,22 @@ install_all() {
     fi
     [ -x "$binary" ] || die "no forkd binary at $binary"
 
+    # The manual page and completions, generated from forkd's command line.
+    assets=${FORKD_ASSETS:-}
+    if [ -z "$assets" ]; then
+        assets=$(mktemp -d) || die "cannot create a temporary directory"
+        trap 'rm -rf "$assets"' EXIT
+        (cd "$here" && cargo xtask assets "$assets" >/dev/null) || die "cargo xtask assets failed"
+    fi
+
     install -d -m 0755 "$bindir" "$unitdir" || die "cannot create $bindir or $unitdir"
     install -m 0755 "$binary" "$bindir/forkd" || die "cannot install $bindir/forkd"
     echo "installed $bindir/forkd"
+    for a in $ASSETS; do
+        dest=$sharedir/${a#*:}
+        install -D -m 0644 "$assets/${a%%:*}" "$dest" || die "cannot install $dest"
+        echo "installed $dest"
+    done
     for u in $UNITS; do
         sed "s|/usr/local/bin/forkd|$PREFIX/bin/forkd|g" "$here/systemd/$u" > "$unitdir/$u.tmp" &&
             chmod 0644 "$unitdir/$u.tmp" &&
@@ -101,6 +129,7 @@ forkd echoes on TCP port 7 (RFC 862). Pick ONE of the three deployments
     systemctl enable --now forkd-inetd.socket
 
 Then: systemctl status forkd.service   journalctl -u forkd.service -f
+      man forkd   (when $PREFIX/share/man is on man's path, as /usr/local is)
 EOF
 }
 

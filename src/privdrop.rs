@@ -103,6 +103,10 @@ fn last_capability() -> libc::c_ulong {
 /// does) needs it for `bind` and for nothing after, and children would
 /// otherwise inherit it. Root keeps its identity unless `--user` is given,
 /// which drops everything anyway.
+///
+/// A process that holds no capability has nothing to drop, and makes no
+/// call that changes capabilities: `forkd.service` forbids `capset` (it is
+/// in `@privileged`), and its forkd holds none. `capget` is allowed there.
 pub fn drop_capabilities() -> Result<(), Error> {
     #[repr(C)]
     struct Header {
@@ -126,6 +130,19 @@ pub fn drop_capabilities() -> Result<(), Error> {
             ),
         )
     };
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut held = [Data::default(); 2];
+    // SAFETY: capget(2) reads a version-3 header and writes two data
+    // structs, all on this stack frame for the duration of the call.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, held.as_mut_ptr()) };
+    let none = |d: &Data| d.effective == 0 && d.permitted == 0 && d.inheritable == 0;
+    // The ambient set is a subset of the permitted one: empty too.
+    if r == 0 && held.iter().all(none) {
+        return Ok(());
+    }
     // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) takes no pointers.
     let r = unsafe {
         libc::prctl(
@@ -139,10 +156,7 @@ pub fn drop_capabilities() -> Result<(), Error> {
     if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
         return Err(fail("ambient"));
     }
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
+    header.version = VERSION_3;
     let data = [Data::default(); 2];
     // SAFETY: capset(2) reads a version-3 header and two data structs, which
     // live on this stack frame for the duration of the call.

@@ -910,6 +910,15 @@ fn install_sh_installs_into_destdir_and_uninstalls() {
     let unitdir = dest.path().join("etc/systemd/system");
     let mut expected: Vec<PathBuf> = UNITS.iter().map(|u| unitdir.join(u)).collect();
     expected.push(bin.clone());
+    let share = dest.path().join("opt/forkd/share");
+    for f in [
+        "man/man8/forkd.8",
+        "bash-completion/completions/forkd",
+        "zsh/site-functions/_forkd",
+        "fish/vendor_completions.d/forkd.fish",
+    ] {
+        expected.push(share.join(f));
+    }
     expected.sort();
     assert_eq!(files_under(dest.path()), expected);
     assert!(std::fs::read(&bin).unwrap() == std::fs::read(FORKD).unwrap());
@@ -924,6 +933,14 @@ fn install_sh_installs_into_destdir_and_uninstalls() {
             "{u} still names /usr/local"
         );
     }
+
+    let page = std::fs::read_to_string(share.join("man/man8/forkd.8")).unwrap();
+    assert!(
+        page.contains(".SH SIGNALS") && page.contains("\\-\\-grace"),
+        "{page}"
+    );
+    let bash = std::fs::read_to_string(share.join("bash-completion/completions/forkd")).unwrap();
+    assert!(bash.contains("--first-byte-timeout"), "{bash}");
 
     install_sh(dest.path(), &["--uninstall"]);
     assert_eq!(files_under(dest.path()), Vec::<PathBuf>::new());
