@@ -114,49 +114,55 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
     let mut received = false;
     let mut hook = watch.on_long_lived;
     let mut waits = 0;
-    // The socket's receive timeout is PATIENCE (or less), not the real one.
-    let mut short = false;
+    // The receive timeout the socket has now: set only when it must change,
+    // just before a wait.
+    let mut timeout = watch.first_byte;
     loop {
         let real = if received {
             watch.idle
         } else {
             watch.first_byte
         };
-        let flags = if hook.is_some() && !short {
-            libc::MSG_DONTWAIT
-        } else {
-            0
+        let got = match hook {
+            None => {
+                set_receive_timeout(sock, &mut timeout, real);
+                receive(sock, buf, 0)
+            }
+            Some(f) => match receive(sock, buf, libc::MSG_DONTWAIT) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // It would wait: wait PATIENCE first (or the whole
+                    // timeout, if that is shorter).
+                    let patience = real.map_or(PATIENCE, |t| t.min(PATIENCE));
+                    set_receive_timeout(sock, &mut timeout, Some(patience));
+                    waits += 1;
+                    match receive(sock, buf, 0) {
+                        Err(e)
+                            if e.kind() == ErrorKind::WouldBlock
+                                && real.is_none_or(|t| t > PATIENCE) =>
+                        {
+                            // Waited PATIENCE: long-lived. Wait on, for the
+                            // whole timeout.
+                            hook = None;
+                            f();
+                            set_receive_timeout(sock, &mut timeout, real);
+                            receive(sock, buf, 0)
+                        }
+                        r => {
+                            if waits >= LONG_LIVED_WAITS {
+                                hook = None;
+                                f();
+                            }
+                            r
+                        }
+                    }
+                }
+                r => r,
+            },
         };
-        let data = match receive(sock, buf, flags) {
+        let data = match got {
             Ok([]) => break,
             Ok(data) => data,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
-                if !short {
-                    // It would wait: wait PATIENCE first.
-                    let _ = sock.set_read_timeout(Some(real.map_or(PATIENCE, |t| t.min(PATIENCE))));
-                    short = true;
-                    continue;
-                }
-                if real.is_none_or(|t| t > PATIENCE) {
-                    // Waited PATIENCE: long-lived. Wait on, for the real timeout.
-                    if let Some(f) = hook.take() {
-                        f();
-                    }
-                    let _ = sock.set_read_timeout(real);
-                    short = false;
-                    continue;
-                }
-                // The short wait was the whole timeout.
-                return Outcome {
-                    bytes,
-                    end: if received {
-                        End::IdleTimeout
-                    } else {
-                        End::Silent
-                    },
-                };
-            }
             Err(e) => {
                 let end = match classify(&e) {
                     End::IdleTimeout if !received => End::Silent,
@@ -165,22 +171,7 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
                 return Outcome { bytes, end };
             }
         };
-        let was_short = short;
-        let switch = !received && watch.first_byte != watch.idle;
         received = true;
-        if was_short {
-            short = false;
-            waits += 1;
-            if waits >= LONG_LIVED_WAITS
-                && let Some(f) = hook.take()
-            {
-                f();
-            }
-        }
-        if switch || was_short {
-            // The first byte's timeout, or the short one, gives way to the idle one.
-            let _ = sock.set_read_timeout(watch.idle);
-        }
         let mut sent = 0;
         while sent < data.len() {
             match sock.write(&data[sent..]) {
@@ -211,6 +202,31 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
         bytes,
         end: End::Closed,
     }
+}
+
+/// Give `sock` the receive timeout `want` (None: none), unless `now` says
+/// it has it already; straight through setsockopt(2), which touches fewer
+/// pages of a child's code than std's wrapper.
+fn set_receive_timeout(sock: &TcpStream, now: &mut Option<Duration>, want: Option<Duration>) {
+    if *now == want {
+        return;
+    }
+    *now = want;
+    let d = want.unwrap_or_default();
+    let tv = libc::timeval {
+        tv_sec: d.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_usec: d.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt(2) reads `size_of::<timeval>()` bytes from `tv`.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
 }
 
 /// One recv(2) into `buf`; returns the bytes received (empty at end of stream).
