@@ -838,6 +838,9 @@ fn units_say_what_the_deployments_promise() {
     };
     has("forkd.socket", "ListenStream=0.0.0.0:7");
     has("forkd.socket", "ListenStream=[::]:7");
+    has("forkd.socket", "ListenDatagram=0.0.0.0:7");
+    has("forkd.socket", "ListenDatagram=[::]:7");
+    assert!(read("forkd-standalone.service").contains("--udp 0.0.0.0:7 --udp [::]:7"));
     has("forkd-inetd.socket", "Accept=yes");
     for service in ["forkd.service", "forkd-standalone.service"] {
         has(service, "Type=notify");
