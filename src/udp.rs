@@ -54,7 +54,7 @@ pub const MAX_BUFFER: usize = 65_536;
 /// Source addresses the per-source limit remembers at once (see [`Buckets`]).
 pub const SOURCES: usize = 8192;
 /// Entries looked at for one source.
-const WAYS: usize = 8;
+pub const WAYS: usize = 8;
 
 /// One UDP socket and how to name it in logs.
 #[derive(Debug)]
