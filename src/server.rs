@@ -8,6 +8,7 @@
 //!    dispatcher runs until stopped.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use log::{info, warn};
@@ -141,14 +142,14 @@ fn serve<M: Model>(
         Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
         Mode::Thread => "thread".to_string(),
     };
-    announce(
-        config,
-        (&listeners, udp.sockets()),
-        activated,
-        &name,
-        nofile,
-    );
+    let udp_names: Vec<(String, SocketAddr)> = udp
+        .sockets()
+        .iter()
+        .map(|u| (u.name.clone(), u.addr))
+        .collect();
     let dispatcher = Dispatcher::new(model, listeners, signals, settings)?.with_udp(udp);
+    let sockets = (dispatcher.listeners(), &udp_names[..]);
+    announce(config, sockets, activated, &name, nofile);
     let s = dispatcher.run()?;
     let dropped = events::Dropped {
         log_lines: logging::dropped_lines(),
@@ -162,13 +163,13 @@ fn serve<M: Model>(
 /// Tell the world forkd accepts: log, `--print-addr`, and `READY=1`.
 fn announce(
     config: &Config,
-    (listeners, udp): (&[Listener], &[UdpSocket]),
+    (listeners, udp): (&[Listener], &[(String, SocketAddr)]),
     activated: bool,
     model: &str,
     nofile: nix::Result<u64>,
 ) {
     let mut names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
-    names.extend(udp.iter().map(|u| format!("udp {}", u.name)));
+    names.extend(udp.iter().map(|(name, _)| format!("udp {name}")));
     let how = if activated {
         "socket-activated"
     } else {
@@ -187,9 +188,9 @@ fn announce(
                 info!("socket {} is {}", l.name, l.addr);
             }
         }
-        for u in udp {
-            if u.name != u.addr.to_string() {
-                info!("socket {} is udp {}", u.name, u.addr);
+        for (name, addr) in udp {
+            if *name != addr.to_string() {
+                info!("socket {name} is udp {addr}");
             }
         }
     }
@@ -208,8 +209,8 @@ fn announce(
         }
         // After the TCP lines, each marked, so a script reading addresses
         // one per line as IP:PORT skips them.
-        for u in udp {
-            let _ = writeln!(out, "udp {}", u.addr);
+        for (_, addr) in udp {
+            let _ = writeln!(out, "udp {addr}");
         }
         let _ = out.flush();
         drop(out);
