@@ -6,7 +6,8 @@
 #   OUT_DIR defaults to target/bench; DURATION (default 10s) sets the length
 #   of the rate and stream runs per server.
 # Workloads: rate 32 workers x 64 B, stream 4 connections x 64 KiB writes,
-# hold 2000 connections. Exit status: 0 all targets pass, 1 a target fails
+# hold 2000 connections, udp 32 workers x 64 B datagrams (against the bare C
+# UDP echo, benches/floor_udp.c). Exit status: 0 all targets pass, 1 a target fails
 # or a run counted errors, 2 a figure could not be measured.
 # The forkd measured is the installed build, linked statically
 # (scripts/build-static.sh); the floors are built with cc -O2. Latency is
@@ -61,7 +62,8 @@ fi
 like() { # NAME FORKD [CFLAGS]
 	# shellcheck disable=SC2086
 	CFLAGS=${3:--O2} "$bin/forkd-load" compare --forkd "$2" --json --modes fork --floor \
-		$workloads --hold 200 --rounds 1 --out "$out/$1" >"$out/$1.jsonl" || status=$?
+		$workloads --workloads rate,stream,hold --hold 200 --rounds 1 \
+		--out "$out/$1" >"$out/$1.jsonl" || status=$?
 }
 like dynamic "$bin/forkd"
 like static "$static" "-O2 -static-pie"
@@ -102,6 +104,7 @@ paced_p99 = lambda t: get(t, "rate", "latency_us", "p99", source=paced)
 pace = get("forkd-fork", "rate", "pace_per_s", source=paced)
 mibs = lambda t: get(t, "stream", "mib_per_s")
 pss = lambda t: get(t, "hold", "pss_kib_per_conn")
+dgrams = lambda t: get(t, "udp", "dgram_per_s")
 
 # (what, measured, how it compares, target)
 checks = []
@@ -119,6 +122,8 @@ at = f"at {pace:.0f}/s" if pace else "paced"
 ratio(f"forkd-fork p99 / floor-fork p99 {at}", paced_p99("forkd-fork"), paced_p99("floor-fork"), "<=", 1.0)
 ratio("forkd-fork MiB/s / floor-fork", mibs("forkd-fork"), mibs("floor-fork"), ">=", 0.9)
 ratio("forkd-thread MiB/s / floor-thread", mibs("forkd-thread"), mibs("floor-thread"), ">=", 0.9)
+ratio("forkd-fork dgram/s / floor-udp", dgrams("forkd-fork"), dgrams("floor-udp"), ">=", 0.9)
+ratio("forkd-thread dgram/s / floor-udp", dgrams("forkd-thread"), dgrams("floor-udp"), ">=", 0.9)
 
 failed = missing = 0
 for what, v, op, target in checks:

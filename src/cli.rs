@@ -56,14 +56,25 @@ pub enum LogTarget {
 // values (`--idle-timeout -1` is a bad duration), not options.
 #[command(name = "forkd", version, long_about = None, allow_negative_numbers = true)]
 pub struct Config {
-    /// Address to listen on (repeatable); IPv6 as `[::1]:7007`; port 0 picks a free port.
-    #[arg(
-        short = 'l',
-        long = "listen",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:7007"
-    )]
+    /// TCP address to listen on (repeatable); IPv6 as `[::1]:7007`; port 0 picks a free port [default: 127.0.0.1:7007 unless --udp is given].
+    #[arg(short = 'l', long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
+
+    /// UDP address to echo datagrams on (repeatable); with --udp alone, no TCP listener is opened.
+    #[arg(long = "udp", value_name = "ADDR")]
+    pub udp: Vec<SocketAddr>,
+
+    /// UDP: replies a second to one source address, a token bucket (0: no limit).
+    #[arg(long = "udp-rate", value_name = "N", default_value_t = 100)]
+    pub udp_rate: u32,
+
+    /// UDP: replies one source address may get at once before --udp-rate applies.
+    #[arg(long = "udp-burst", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_burst: u32,
+
+    /// UDP: the largest datagram echoed; a larger one is dropped, never echoed cut (at most 64KiB).
+    #[arg(long = "udp-buffer", value_name = "SIZE", default_value = "64KiB", value_parser = parse_udp_buffer)]
+    pub udp_buffer: usize,
 
     /// Length of each listener's queue of connections not yet accepted.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
@@ -137,7 +148,7 @@ pub struct Config {
     #[arg(short = 'q', long = "quiet", action = clap::ArgAction::Count)]
     pub quiet: u8,
 
-    /// Once accepting, print each bound address on stdout, one per line, then close stdout.
+    /// Once accepting, print each bound address on stdout, one per line (UDP ones as `udp ADDR`, after the TCP ones), then close stdout.
     #[arg(long = "print-addr")]
     pub print_addr: bool,
 
@@ -190,7 +201,16 @@ impl Config {
     }
 
     /// Checks across options that clap cannot express.
-    fn check(self) -> Result<Config, Error> {
+    fn check(mut self) -> Result<Config, Error> {
+        if self.listen.is_empty() && self.udp.is_empty() {
+            self.listen.push(SocketAddr::from(([127, 0, 0, 1], 7007)));
+        }
+        if self.udp.len() > crate::udp::MAX_SOCKETS {
+            return Err(Error::usage(format!(
+                "at most {} --udp addresses",
+                crate::udp::MAX_SOCKETS
+            )));
+        }
         if self.buffer == 0 {
             return Err(Error::usage("--buffer must be at least 1 byte"));
         }
@@ -230,6 +250,15 @@ impl Config {
             (true, idle) => idle,
             (false, None) => Some(self.first_byte_timeout),
             (false, Some(idle)) => Some(self.first_byte_timeout.min(idle)),
+        }
+    }
+
+    /// The UDP limits.
+    pub fn udp_limits(&self) -> crate::udp::Limits {
+        crate::udp::Limits {
+            rate: self.udp_rate,
+            burst: self.udp_burst,
+            buffer: self.udp_buffer,
         }
     }
 
@@ -387,6 +416,14 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
     usize::try_from(n).map_err(|_| "too large".to_string())
 }
 
+fn parse_udp_buffer(s: &str) -> Result<usize, String> {
+    match parse_bytes(s)? {
+        0 => Err("must be at least 1 byte".to_string()),
+        n if n > crate::udp::MAX_BUFFER => Err("too large (at most 64KiB)".to_string()),
+        n => Ok(n),
+    }
+}
+
 fn parse_stack(s: &str) -> Result<usize, String> {
     match parse_bytes(s)? {
         n if n > MAX_STACK => Err("too large (at most 1GiB)".to_string()),
@@ -422,6 +459,26 @@ mod tests {
         assert_eq!(c.grace, Duration::from_secs(10));
         assert_eq!(c.idle(), Some(Duration::from_secs(300)));
         assert_eq!(c.level(), log::LevelFilter::Info);
+    }
+
+    #[test]
+    fn udp_alone_opens_no_tcp_listener() {
+        let c = Config::from_args(["forkd", "--udp", "[::1]:0"]).unwrap();
+        assert!(c.listen.is_empty());
+        assert_eq!(c.udp, vec!["[::1]:0".parse::<SocketAddr>().unwrap()]);
+        let c = Config::from_args(["forkd", "--udp", "127.0.0.1:0", "-l", "127.0.0.1:0"]).unwrap();
+        assert_eq!(c.listen.len(), 1);
+        assert_eq!(c.udp_limits().buffer, 65536);
+        for bad in [
+            ["--udp-buffer", "65537"],
+            ["--udp-burst", "0"],
+            ["--udp", "x"],
+        ] {
+            assert!(matches!(
+                Config::from_args(["forkd", bad[0], bad[1]]),
+                Err(ParseOutcome::Error(e)) if e.code == crate::error::EXIT_USAGE
+            ));
+        }
     }
 
     #[test]

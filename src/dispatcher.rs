@@ -30,6 +30,7 @@ use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::signals::{Pending, Signals};
 use crate::sources::{Limits, Refused, Sources};
 use crate::table::Table;
+use crate::udp::Udp;
 use crate::{logging, signals, systemd};
 
 /// Settings the dispatcher takes from the command line.
@@ -131,6 +132,9 @@ pub struct Dispatcher<M: Model> {
     accept_fail_log: Throttle,
     /// One per signal number.
     ignored_log: [Throttle; 64],
+    /// UDP sockets, polled after the listeners (accepting or not) and
+    /// served in this loop: see [`crate::udp`].
+    udp: Udp,
 }
 
 impl<M: Model> Dispatcher<M> {
@@ -147,7 +151,8 @@ impl<M: Model> Dispatcher<M> {
         let sources = Sources::new(settings.sources, settings.max_conns)
             .map_err(|e| Error::os("cannot map the per-source counts", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
-        let pollfds = unsafe { crate::memory::private::<libc::pollfd>(1 + listeners.len()) }
+        let room = 1 + listeners.len() + crate::udp::MAX_SOCKETS;
+        let pollfds = unsafe { crate::memory::private::<libc::pollfd>(room) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
         Ok(Dispatcher {
             books: Books {
@@ -174,7 +179,14 @@ impl<M: Model> Dispatcher<M> {
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
             ignored_log: std::array::from_fn(|_| Throttle::default()),
+            udp: Udp::default(),
         })
+    }
+
+    /// Serve these UDP sockets too (at most [`crate::udp::MAX_SOCKETS`]).
+    pub fn with_udp(mut self, udp: Udp) -> Self {
+        self.udp = udp;
+        self
     }
 
     /// The listeners, as bound or inherited.
@@ -201,6 +213,7 @@ impl<M: Model> Dispatcher<M> {
                 Collect::Woken
             };
             self.collect(why);
+            self.udp.on_readable(&self.pollfds[..self.polled]);
 
             if self.stopping.is_some() {
                 if self.drain_step(Instant::now()) {
@@ -246,6 +259,14 @@ impl<M: Model> Dispatcher<M> {
                 self.pollfds[1 + i] = entry(l.as_fd().as_raw_fd());
             }
             self.polled += self.listeners.len();
+        }
+        if !self.udp.is_empty() {
+            // Listeners not polled now are skipped (fd -1); UDP goes after them.
+            let at = 1 + self.listeners.len();
+            self.pollfds[self.polled..at]
+                .iter_mut()
+                .for_each(|e| e.fd = -1);
+            self.polled = at + self.udp.add_to(self.pollfds, at);
         }
         let timeout: i32 = timeout.into();
         // SAFETY: `pollfds` holds at least `polled` valid pollfd structures,
@@ -345,6 +366,7 @@ impl<M: Model> Dispatcher<M> {
     /// Close the listeners (so clients are refused, not queued) and tell systemd.
     fn begin_stop(&mut self) {
         self.listeners.clear();
+        self.udp.close();
         systemd::stopping(&format!("stopping: {} active", self.books.table.active()));
     }
 

@@ -9,6 +9,8 @@
 //! - [`dispatcher`]: the one `poll` loop every model shares: accept, caps,
 //!   per-address limits, back-off, the one place a connection ends, status,
 //!   graceful stop.
+//! - [`udp`]: UDP echo, served in the dispatcher's loop (no process or
+//!   thread per datagram), with inetd's source checks and a per-source limit.
 //! - [`model`]: what a concurrency model is to the dispatcher ([`model::Model`]).
 //! - [`fork`]: fork mode, the dispatcher's side (fork, close, record).
 //! - [`child`]: fork mode, the child's side (hygiene, title, echo, `_exit`).
@@ -71,6 +73,7 @@ pub mod systemd;
 pub mod table;
 pub mod thread;
 pub mod title;
+pub mod udp;
 
 use std::process::ExitCode;
 

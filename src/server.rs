@@ -8,6 +8,7 @@
 //!    dispatcher runs until stopped.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use log::{info, warn};
@@ -21,6 +22,7 @@ use crate::listen::Listener;
 use crate::model::Model;
 use crate::signals::Children;
 use crate::thread::ThreadModel;
+use crate::udp::{Udp, UdpSocket};
 use crate::{events, inetd, limits, logging, privdrop, reaper, signals, systemd, title};
 
 /// Run forkd as configured; returns the exit code for a clean stop.
@@ -37,13 +39,17 @@ pub fn run(config: Config) -> Result<u8, Error> {
         None => None,
     };
     let nofile = limits::raise_nofile();
-    let mut listeners = systemd::activated_listeners()?;
-    let activated = !listeners.is_empty();
+    let (mut listeners, mut datagrams) = systemd::activated_sockets()?;
+    let activated = !listeners.is_empty() || !datagrams.is_empty();
     if !activated {
         for addr in &config.listen {
             listeners.push(Listener::bind(*addr, config.backlog)?);
         }
+        for addr in &config.udp {
+            datagrams.push(UdpSocket::bind(*addr)?);
+        }
     }
+    let udp = Udp::new(datagrams, config.udp_limits())?;
     for l in &listeners {
         l.set_timeouts(config.first_byte(), config.idle())?;
     }
@@ -81,9 +87,12 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.idle(),
             );
             let model = ForkModel::new(config.reap, setup, config.buffer);
-            serve(
-                &config, model, children, listeners, settings, activated, nofile,
-            )
+            let bound = Bound {
+                listeners,
+                udp,
+                activated,
+            };
+            serve(&config, model, children, bound, settings, nofile)
         }
         Mode::Thread => {
             let model = ThreadModel::new(
@@ -92,10 +101,23 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 config.max_conns,
                 (config.first_byte(), config.idle()),
             );
-            let (l, s) = (listeners, settings);
-            serve(&config, model, Children::None, l, s, activated, nofile)
+            let bound = Bound {
+                listeners,
+                udp,
+                activated,
+            };
+            serve(&config, model, Children::None, bound, settings, nofile)
         }
     }
+}
+
+/// The sockets served: TCP listeners and UDP sockets, bound or inherited.
+pub struct Bound {
+    pub listeners: Vec<Listener>,
+    /// UDP, served in the dispatcher's loop whatever the mode (see [`crate::udp`]).
+    pub udp: Udp,
+    /// Passed by socket activation rather than bound here.
+    pub activated: bool,
 }
 
 /// Install the signal handlers, announce readiness, run the dispatcher
@@ -104,11 +126,15 @@ fn serve<M: Model>(
     config: &Config,
     model: M,
     children: Children,
-    listeners: Vec<Listener>,
+    bound: Bound,
     settings: Settings,
-    activated: bool,
     nofile: nix::Result<u64>,
 ) -> Result<u8, Error> {
+    let Bound {
+        listeners,
+        udp,
+        activated,
+    } = bound;
     let signals =
         signals::install(children).map_err(|e| Error::os("cannot install signal handlers", e))?;
     let terms = model.terms();
@@ -116,8 +142,14 @@ fn serve<M: Model>(
         Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
         Mode::Thread => "thread".to_string(),
     };
-    let dispatcher = Dispatcher::new(model, listeners, signals, settings)?;
-    announce(config, dispatcher.listeners(), activated, &name, nofile);
+    let udp_names: Vec<(String, SocketAddr)> = udp
+        .sockets()
+        .iter()
+        .map(|u| (u.name.clone(), u.addr))
+        .collect();
+    let dispatcher = Dispatcher::new(model, listeners, signals, settings)?.with_udp(udp);
+    let sockets = (dispatcher.listeners(), &udp_names[..]);
+    announce(config, sockets, activated, &name, nofile);
     let s = dispatcher.run()?;
     let dropped = events::Dropped {
         log_lines: logging::dropped_lines(),
@@ -131,12 +163,13 @@ fn serve<M: Model>(
 /// Tell the world forkd accepts: log, `--print-addr`, and `READY=1`.
 fn announce(
     config: &Config,
-    listeners: &[Listener],
+    (listeners, udp): (&[Listener], &[(String, SocketAddr)]),
     activated: bool,
     model: &str,
     nofile: nix::Result<u64>,
 ) {
-    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    let mut names: Vec<String> = listeners.iter().map(|l| l.name.clone()).collect();
+    names.extend(udp.iter().map(|(name, _)| format!("udp {name}")));
     let how = if activated {
         "socket-activated"
     } else {
@@ -155,6 +188,11 @@ fn announce(
                 info!("socket {} is {}", l.name, l.addr);
             }
         }
+        for (name, addr) in udp {
+            if *name != addr.to_string() {
+                info!("socket {name} is udp {addr}");
+            }
+        }
     }
     match nofile {
         Ok(n) if (n as usize) < config.max_conns + 64 && config.mode == Mode::Thread => warn!(
@@ -168,6 +206,11 @@ fn announce(
         let mut out = std::io::stdout().lock();
         for l in listeners {
             let _ = writeln!(out, "{}", l.addr);
+        }
+        // After the TCP lines, each marked, so a script reading addresses
+        // one per line as IP:PORT skips them.
+        for (_, addr) in udp {
+            let _ = writeln!(out, "udp {addr}");
         }
         let _ = out.flush();
         drop(out);

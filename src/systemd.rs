@@ -1,5 +1,5 @@
 //! systemd glue: readiness and status through `sd_notify`, and listening
-//! sockets passed in by socket activation (`LISTEN_FDS`).
+//! and datagram sockets passed in by socket activation (`LISTEN_FDS`).
 //!
 //! Everything here is a no-op outside systemd: without `NOTIFY_SOCKET` the
 //! notifications go nowhere, and without `LISTEN_PID`/`LISTEN_FDS` naming
@@ -28,6 +28,7 @@ use sd_notify::NotifyState;
 
 use crate::error::{EXIT_OSERR, Error};
 use crate::listen::Listener;
+use crate::udp::UdpSocket;
 
 /// Tell the service manager forkd is accepting (Type=notify).
 pub fn ready(status: &str) {
@@ -108,20 +109,28 @@ pub fn notify_socket_set() -> bool {
     *SET.get_or_init(|| std::env::var_os("NOTIFY_SOCKET").is_some())
 }
 
-/// The sockets passed by socket activation, named by `LISTEN_FDNAMES`;
-/// empty when none were passed. The variables are removed so that nothing
-/// forkd starts inherits them.
-pub fn activated_listeners() -> Result<Vec<Listener>, Error> {
+/// The sockets passed by socket activation (`ListenStream=` listeners and
+/// `ListenDatagram=` UDP sockets), named by `LISTEN_FDNAMES`; both empty
+/// when none were passed. The variables are removed so that nothing forkd
+/// starts inherits them.
+pub fn activated_sockets() -> Result<(Vec<Listener>, Vec<UdpSocket>), Error> {
     // SAFETY: called at start-up, before forkd starts any thread or child
     // (std::env::remove_var is only unsound with concurrent env access).
     let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
         .map_err(|e| Error::new(EXIT_OSERR, format!("bad socket activation variables: {e}")))?;
-    fds.map(|(fd, name)| {
+    let (mut listeners, mut datagrams) = (Vec::new(), Vec::new());
+    for (fd, name) in fds {
         // SAFETY: systemd passes these descriptors to this process
         // (LISTEN_PID matched) for it to own; nothing else in forkd uses them.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let name = (!name.is_empty() && name != "unknown").then_some(name);
-        Listener::adopt(fd, name)
-    })
-    .collect()
+        let datagram = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+            .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram);
+        if datagram {
+            datagrams.push(UdpSocket::adopt(fd, name)?);
+        } else {
+            listeners.push(Listener::adopt(fd, name)?);
+        }
+    }
+    Ok((listeners, datagrams))
 }

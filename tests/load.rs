@@ -156,6 +156,57 @@ fn rate_and_stream_against_forkd_are_clean() {
     assert!(s["server_cpu_s"].is_null(), "no --pid, no server CPU: {s}");
 }
 
+/// `udp` against forkd: every datagram echoed and checked, none lost; against
+/// a socket that never answers: every datagram lost, and exit 1.
+#[test]
+fn udp_against_forkd_is_clean_and_silence_is_loss() {
+    let f = Forkd::start(&["-q", "--udp", "127.0.0.1:0"]);
+    let addr = f.udp_addr().to_string();
+    let pid = f.pid().to_string();
+    let args = [
+        "udp",
+        "--addr",
+        &addr,
+        "--duration",
+        "1s",
+        "--concurrency",
+        "4",
+        "--size",
+        "1000",
+        "--json",
+        "--pid",
+        &pid,
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let r = json(&args, &out);
+    assert_eq!(r["workload"], "udp");
+    assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
+    assert_eq!(num(&r, &["lost"]), 0.0, "{r}");
+    assert!(num(&r, &["datagrams"]) > 100.0, "{r}");
+    assert_eq!(num(&r, &["bytes"]), num(&r, &["datagrams"]) * 1000.0, "{r}");
+    assert!(num(&r, &["latency_us", "p50"]) > 0.0, "{r}");
+    assert!(num(&r, &["server_cpu_s"]) >= 0.0, "{r}");
+
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let args = [
+        "udp",
+        "--addr",
+        &addr,
+        "--duration",
+        "300ms",
+        "--wait",
+        "50ms",
+        "--json",
+    ];
+    let out = load(&args, LIMIT);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
+    let r = json(&args, &out);
+    assert!(num(&r, &["lost"]) >= 32.0, "{r}");
+    assert_eq!(num(&r, &["loss_pct"]), 100.0, "{r}");
+}
+
 /// `rate` and `stream` against a server that lies in one way: both exit 1,
 /// and every error counted is of `kind`.
 fn lies_are_caught(lie: Lie, kind: &str) {
@@ -416,7 +467,10 @@ fn compare_writes_a_table_a_chart_and_json() {
         assert!(num(s, &["rate", "conn_per_s"]) > 0.0);
         assert!(num(s, &["stream", "mib_per_s"]) > 0.0);
         assert_eq!(num(s, &["hold", "held"]), 50.0);
+        assert!(num(s, &["udp", "dgram_per_s"]) > 0.0, "{s}");
+        assert_eq!(num(s, &["udp", "errors", "total"]), 0.0, "{s}");
     }
+    assert!(md.contains("| server | dgram/s |"), "no UDP table in\n{md}");
     let fork = &servers[0];
     assert_eq!(fork["name"], "forkd-fork");
     assert_eq!(num(fork, &["hold", "procs"]), 51.0);
@@ -467,7 +521,7 @@ fn bad_arguments_are_one_line_usage_errors() {
         (&["rate", "--addr", "127.0.0.1:7", "--pace", "0"], "--pace"),
         (
             &["compare", "--out", "x", "--workloads", "rate,nap"],
-            "'nap' for '--workloads <WORKLOADS>' [possible values: rate, stream, hold]",
+            "'nap' for '--workloads <WORKLOADS>' [possible values: rate, stream, hold, udp]",
         ),
         (
             &["compare", "--out", "x", "--modes", "fork,prefork"],
@@ -481,10 +535,10 @@ fn bad_arguments_are_one_line_usage_errors() {
         (&["hold", "--addr", "127.0.0.1:7", "--pid", "-1"], "--pid"),
         (
             &["frobnicate"],
-            "'frobnicate' [subcommands: rate, stream, hold, compare]",
+            "'frobnicate' [subcommands: rate, stream, hold, udp, compare]",
         ),
         // No subcommand is a bad command line, not a request for help.
-        (&[], "no subcommand given: rate, stream, hold, compare"),
+        (&[], "no subcommand given: rate, stream, hold, udp, compare"),
     ] {
         let out = load(args, LIMIT);
         assert_eq!(out.status.code(), Some(64), "{}", explain(args, &out));
@@ -581,6 +635,7 @@ fn readme_run() -> forkd::load::compare::Comparison {
                     ok: true,
                     ..Report::default()
                 }),
+                udp: None,
                 name,
                 stopped: "exit 0".into(),
                 notes: Vec::new(),
@@ -597,7 +652,8 @@ fn readme_run() -> forkd::load::compare::Comparison {
             pinned: None,
         },
         settings: Settings {
-            workloads: Workload::ALL.to_vec(),
+            // The real run predates the udp workload.
+            workloads: vec![Workload::Rate, Workload::Stream, Workload::Hold],
             duration_s: 10.0,
             rounds: 2,
             concurrency: 32,
@@ -606,6 +662,7 @@ fn readme_run() -> forkd::load::compare::Comparison {
             stream_conns: 4,
             stream_size: 64 << 10,
             hold: 2000,
+            udp_size: 64,
             timeout_s: 5.0,
         },
         servers,

@@ -838,6 +838,9 @@ fn units_say_what_the_deployments_promise() {
     };
     has("forkd.socket", "ListenStream=0.0.0.0:7");
     has("forkd.socket", "ListenStream=[::]:7");
+    has("forkd.socket", "ListenDatagram=0.0.0.0:7");
+    has("forkd.socket", "ListenDatagram=[::]:7");
+    assert!(read("forkd-standalone.service").contains("--udp 0.0.0.0:7 --udp [::]:7"));
     has("forkd-inetd.socket", "Accept=yes");
     for service in ["forkd.service", "forkd-standalone.service"] {
         has(service, "Type=notify");
@@ -945,3 +948,82 @@ fn install_sh_installs_into_destdir_and_uninstalls() {
     install_sh(dest.path(), &["--uninstall"]);
     assert_eq!(files_under(dest.path()), Vec::<PathBuf>::new());
 }
+
+/// `ListenDatagram=` activation, as `forkd.socket` does it: a stream and a
+/// datagram socket on one port, passed together. `systemd-socket-activate`
+/// makes sockets of one type per run but passes on the descriptors it was
+/// given, so one run (TCP) starts another (`--datagram`, UDP), which starts
+/// forkd with both. forkd serves each, and prints the UDP one as `udp ADDR`.
+#[test]
+fn socket_activation_listen_datagram_with_a_stream_socket() {
+    watchdog();
+    require("systemd-socket-activate");
+    for _attempt in 0..5 {
+        let port = free_port(false);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cmd = Command::new("systemd-socket-activate");
+        cmd.args([
+            "-l",
+            &addr.to_string(),
+            "systemd-socket-activate",
+            "--datagram",
+        ])
+        .args(["-l", &addr.to_string(), FORKD])
+        .args(["--print-addr", "--log", "stderr", "--udp-rate", "0"])
+        .env_remove("NOTIFY_SOCKET");
+        let mut run = Running::spawn(cmd);
+        if !wait_until(10 * SECOND, || {
+            run.log().contains("Listening on") || run.exited()
+        }) {
+            run.check(false, "the outer systemd-socket-activate did not listen");
+        }
+        // The first connection execs the inner run, which binds UDP.
+        let mut tcp = connect(addr);
+        let inner = wait_until(10 * SECOND, || {
+            run.log().matches("Listening on").count() >= 3 || run.exited()
+        });
+        if !inner || run.exited() {
+            if run.log().contains("Address already in use") {
+                continue;
+            }
+            run.check(false, "the inner systemd-socket-activate did not listen");
+        }
+        // The first datagram execs forkd, which finds it waiting.
+        let c = udp_client("127.0.0.1:0", SECOND);
+        let data = pattern(LARGEST, 12);
+        let mut back = None;
+        let answered = wait_until(10 * SECOND, || {
+            back = udp_echo(&c, addr, &data);
+            back.is_some()
+        });
+        run.check(answered, "no UDP echo from the activated forkd");
+        run.check(
+            back.is_some_and(|(b, from)| b == data && from == addr),
+            "the UDP echo differs",
+        );
+        ping(&mut tcp, b"and TCP on the same port\n");
+        run.check(
+            wait_until(10 * SECOND, || run.out().lines().count() == 2),
+            "forkd did not print both addresses",
+        );
+        assert_eq!(
+            run.out().lines().collect::<Vec<_>>(),
+            [addr.to_string(), format!("udp {addr}")]
+        );
+        drop(tcp);
+        let status = run.terminate(15 * SECOND);
+        run.check(
+            status.is_some_and(|s| s.success()),
+            &format!("forkd did not stop cleanly on SIGTERM: {status:?}"),
+        );
+        run.check(
+            run.log().contains("udp stopped: "),
+            "no UDP totals at the stop",
+        );
+        return;
+    }
+    panic!("no free port for systemd-socket-activate after 5 tries");
+}
+
+/// The largest UDP payload over IPv4.
+const LARGEST: usize = 65_507;

@@ -56,6 +56,9 @@ pub enum Command {
     /// Open many idle connections, echo once on each, report what they cost the server.
     #[command(allow_negative_numbers = true)]
     Hold(HoldArgs),
+    /// Datagrams over UDP, one in flight per worker: datagrams/s, loss, latency; every byte checked.
+    #[command(allow_negative_numbers = true)]
+    Udp(UdpArgs),
     /// Start forkd (and others) and compare them under the same workloads.
     #[command(allow_negative_numbers = true)]
     Compare(CompareArgs),
@@ -137,6 +140,29 @@ pub struct HoldArgs {
     pub settle: Duration,
 }
 
+#[derive(ClapArgs, Debug, Clone)]
+pub struct UdpArgs {
+    /// The server's UDP address (loopback only), and as for every workload --pid, --json.
+    #[command(flatten)]
+    pub common: Common,
+
+    /// How long to run.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Workers, each with its own socket and one datagram in flight.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = parse_workers)]
+    pub concurrency: usize,
+
+    /// Bytes per datagram (at most 65,507, the most UDP carries over IPv4).
+    #[arg(long, value_name = "SIZE", default_value = "64", value_parser = parse_datagram)]
+    pub size: usize,
+
+    /// A datagram whose reply takes longer than this is lost.
+    #[arg(long, value_name = "DUR", default_value = "200ms", value_parser = parse_timeout)]
+    pub wait: Duration,
+}
+
 /// A workload of `compare`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -144,11 +170,17 @@ pub enum Workload {
     Rate,
     Stream,
     Hold,
+    Udp,
 }
 
 impl Workload {
     /// Every workload, in the order `compare` runs them.
-    pub const ALL: [Workload; 3] = [Workload::Rate, Workload::Stream, Workload::Hold];
+    pub const ALL: [Workload; 4] = [
+        Workload::Rate,
+        Workload::Stream,
+        Workload::Hold,
+        Workload::Udp,
+    ];
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -161,7 +193,7 @@ pub struct CompareArgs {
     #[arg(long)]
     pub peers: bool,
 
-    /// Also measure two minimal C echo servers (fork, thread), built at run time with $CC $CFLAGS (default: cc -O2).
+    /// Also measure three minimal C echo servers (fork, thread, UDP), built at run time with $CC $CFLAGS (default: cc -O2).
     #[arg(long)]
     pub floor: bool,
 
@@ -174,7 +206,7 @@ pub struct CompareArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "rate,stream,hold"
+        default_value = "rate,stream,hold,udp"
     )]
     pub workloads: Vec<Workload>,
 
@@ -214,6 +246,14 @@ pub struct CompareArgs {
     /// hold: connections held on each server.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_hold)]
     pub hold: usize,
+
+    /// udp: bytes per datagram (workers: --concurrency).
+    #[arg(long = "udp-size", value_name = "SIZE", default_value = "64", value_parser = parse_datagram)]
+    pub udp_size: usize,
+
+    /// udp: a datagram whose reply takes longer than this is lost.
+    #[arg(long = "udp-wait", value_name = "DUR", default_value = "200ms", value_parser = parse_timeout)]
+    pub udp_wait: Duration,
 
     /// Limit on every connect, read and write.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_timeout)]
@@ -307,6 +347,16 @@ fn parse_size(s: &str) -> Result<usize, String> {
     match usize::try_from(n) {
         Ok(n) if (1..=MAX_SIZE).contains(&n) => Ok(n),
         _ => Err("must be between 1 byte and 16MiB".to_string()),
+    }
+}
+
+/// The largest UDP payload over IPv4: 65,535 − 20 (IP) − 8 (UDP).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+fn parse_datagram(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        n if n > MAX_DATAGRAM => Err(format!("must be between 1 and {MAX_DATAGRAM} bytes")),
+        n => Ok(n),
     }
 }
 

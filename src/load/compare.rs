@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::cli::{CompareArgs, Workload};
 use super::report::Report;
 use super::targets::{Kind, Launcher, Server, Started};
-use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys};
+use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys, udp};
 use crate::error::Error;
 
 /// Pause between two runs, so one run's closing connections do not weigh on the next.
@@ -48,6 +48,8 @@ pub struct Settings {
     pub stream_conns: usize,
     pub stream_size: usize,
     pub hold: usize,
+    /// udp: bytes per datagram (workers: `concurrency`).
+    pub udp_size: usize,
     pub timeout_s: f64,
 }
 
@@ -62,6 +64,7 @@ pub struct Row {
     pub rate: Option<Report>,
     pub stream: Option<Report>,
     pub hold: Option<Report>,
+    pub udp: Option<Report>,
     /// How the server ended when stopped with SIGTERM (`exit 0`...).
     pub stopped: String,
     pub notes: Vec<String>,
@@ -90,6 +93,7 @@ struct Slot {
     rate: Option<rate::Outcome>,
     stream: Option<stream::Outcome>,
     hold: Option<Report>,
+    udp: Option<udp::Outcome>,
     notes: Vec<String>,
 }
 
@@ -132,6 +136,9 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     }
     if a.floor {
         kinds.extend([Kind::FloorFork, Kind::FloorThread]);
+        if a.workloads.contains(&Workload::Udp) {
+            kinds.push(Kind::FloorUdp);
+        }
     }
     if a.peers {
         kinds.extend([
@@ -146,8 +153,9 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     for kind in kinds {
         match launcher.start(kind)? {
             Started::Running(server) => {
+                let udp = server.udp.map(|u| format!(", udp {u}")).unwrap_or_default();
                 eprintln!(
-                    "forkd-load: {} listening on {} (pid {})",
+                    "forkd-load: {} listening on {}{udp} (pid {})",
                     server.name(),
                     server.addr,
                     server.pid()
@@ -157,6 +165,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
                     rate: None,
                     stream: None,
                     hold: None,
+                    udp: None,
                     notes: Vec::new(),
                 });
             }
@@ -180,7 +189,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         };
         for &i in order.iter().filter(|_| wants(Workload::Rate)) {
             let s = &mut slots[i];
-            if !still_running(s, "rate") {
+            if !s.server.kind.tcp() || !still_running(s, "rate") {
                 continue;
             }
             let plan = rate::Plan {
@@ -201,7 +210,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         }
         for &i in order.iter().filter(|_| wants(Workload::Stream)) {
             let s = &mut slots[i];
-            if !still_running(s, "stream") {
+            if !s.server.kind.tcp() || !still_running(s, "stream") {
                 continue;
             }
             let plan = stream::Plan {
@@ -219,9 +228,32 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             }
             std::thread::sleep(BETWEEN_RUNS);
         }
+        for &i in order.iter().filter(|_| wants(Workload::Udp)) {
+            let s = &mut slots[i];
+            let Some(addr) = s.server.udp else {
+                continue;
+            };
+            if !still_running(s, "udp") {
+                continue;
+            }
+            let plan = udp::Plan {
+                addr,
+                duration: slice,
+                concurrency: a.concurrency,
+                size: a.udp_size,
+                wait: a.udp_wait,
+                pid: Some(s.server.pid()),
+            };
+            let o = udp::run(&plan, &format!("udp {}", s.server.name()))?;
+            match &mut s.udp {
+                Some(r) => r.merge(&o),
+                None => s.udp = Some(o),
+            }
+            std::thread::sleep(BETWEEN_RUNS);
+        }
     }
     for s in slots.iter_mut().filter(|_| wants(Workload::Hold)) {
-        if !still_running(s, "hold") {
+        if !s.server.kind.tcp() || !still_running(s, "hold") {
             continue;
         }
         let plan = hold::Plan {
@@ -247,14 +279,22 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         let rate = s.rate.map(|o| tag(o.report(addr)));
         let stream = s.stream.map(|o| tag(o.report(addr)));
         let hold = s.hold.map(tag);
+        let udp = s.udp.map(|o| tag(o.report(s.server.udp.unwrap_or(addr))));
+        // What applies: TCP workloads to TCP servers, udp to UDP ones.
+        let tcp = s.server.kind.tcp();
+        let serves_udp = s.server.udp.is_some() || s.server.kind == Kind::FloorUdp;
+        if wants(Workload::Udp) && s.server.kind.family() == "forkd" && s.server.udp.is_none() {
+            s.notes.push("forkd printed no UDP address".to_string());
+        }
         let ran_all = [
-            (Workload::Rate, rate.is_some()),
-            (Workload::Stream, stream.is_some()),
-            (Workload::Hold, hold.is_some()),
+            (Workload::Rate, rate.is_some() || !tcp),
+            (Workload::Stream, stream.is_some() || !tcp),
+            (Workload::Hold, hold.is_some() || !tcp),
+            (Workload::Udp, udp.is_some() || !serves_udp),
         ]
         .iter()
         .all(|&(w, ran)| ran || !wants(w));
-        let clean = [&rate, &stream, &hold]
+        let clean = [&rate, &stream, &hold, &udp]
             .iter()
             .all(|r| r.as_ref().is_none_or(|r| r.ok));
         if s.server.kind.family() == "forkd" && stopped != "exit 0" {
@@ -268,6 +308,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             rate,
             stream,
             hold,
+            udp,
             stopped,
             notes: s.notes,
             ok: ran_all && clean,
@@ -286,6 +327,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             stream_conns: a.stream_conns,
             stream_size: a.stream_size,
             hold: a.hold,
+            udp_size: a.udp_size,
             timeout_s: a.timeout.as_secs_f64(),
         },
         servers: rows,
@@ -295,14 +337,17 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     write_outputs(&out, &comparison)?;
     if a.json {
         for r in &comparison.servers {
-            for rep in [&r.rate, &r.stream, &r.hold].into_iter().flatten() {
+            for rep in [&r.rate, &r.stream, &r.hold, &r.udp].into_iter().flatten() {
                 rep.print(true);
             }
         }
     } else {
         print!("{}", markdown::table(&comparison.servers));
+        if comparison.servers.iter().any(|r| r.udp.is_some()) {
+            print!("\n{}", markdown::udp_table(&comparison.servers));
+        }
         for r in &comparison.servers {
-            for rep in [&r.rate, &r.stream, &r.hold].into_iter().flatten() {
+            for rep in [&r.rate, &r.stream, &r.hold, &r.udp].into_iter().flatten() {
                 if !rep.ok {
                     eprint!("{}", rep.text());
                 }

@@ -24,6 +24,15 @@ pub fn render(c: &Comparison) -> String {
     out.push_str(&workloads(&c.settings));
     out.push_str(&table(&c.servers));
     out.push('\n');
+    if c.servers.iter().any(|r| r.udp.is_some()) {
+        out.push_str(&udp_table(&c.servers));
+        out.push('\n');
+        out.push_str(
+            "dgram/s, p50, p99: `udp` (one datagram in flight per worker, from its send to \
+             its checked echo). lost: datagrams with no echo within the wait. CPU µs/dgram: \
+             the server's CPU time per datagram echoed.\n\n",
+        );
+    }
     out.push_str(
         "conn/s, p50, p99: `rate` (a whole connection: connect, send, half-close, echo to \
          end-of-file). MiB/s: `stream`, every byte checked. KiB/conn: growth of the server \
@@ -50,7 +59,39 @@ pub fn render(c: &Comparison) -> String {
     out
 }
 
-/// The table alone.
+/// The UDP table: the servers that ran `udp`.
+pub fn udp_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| server | dgram/s | p50 µs | p99 µs | lost | server CPU s | CPU µs/dgram | load CPU s | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let num = |v: Option<f64>| v.map(short).unwrap_or_else(|| "–".to_string());
+    for r in rows {
+        let Some(u) = &r.udp else {
+            continue;
+        };
+        let lat = u.latency_us;
+        let per = match (u.server_cpu_s, u.datagrams) {
+            (Some(s), Some(n)) if n > 0 => Some(s * 1e6 / n as f64),
+            _ => None,
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            num(u.dgram_per_s),
+            num(lat.map(|l| l.p50 as f64)),
+            num(lat.map(|l| l.p99 as f64)),
+            u.lost.unwrap_or(0),
+            num(u.server_cpu_s),
+            num(per),
+            num(Some(u.gen_cpu_s)),
+            u.errors.total
+        ));
+    }
+    out
+}
+
+/// The table alone (the TCP workloads; a UDP-only server has no row).
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
         "| server | conn/s | p50 µs | p99 µs | MiB/s | KiB/conn | procs | server CPU s | CPU µs/conn | load CPU s | errors |\n\
@@ -58,6 +99,9 @@ pub fn table(rows: &[Row]) -> String {
     );
     let num = |v: Option<f64>| v.map(short).unwrap_or_else(|| "–".to_string());
     for r in rows {
+        if r.udp.is_some() && r.rate.is_none() && r.stream.is_none() && r.hold.is_none() {
+            continue;
+        }
         let rate = r.rate.as_ref();
         let lat = rate.and_then(|x| x.latency_us);
         let hold = r.hold.as_ref();
@@ -118,6 +162,12 @@ pub fn workloads(s: &Settings) -> String {
             Workload::Hold => format!(
                 "hold {}",
                 count(s.hold as u64, "idle connection", "idle connections")
+            ),
+            Workload::Udp => format!(
+                "udp {} x {} datagrams, one in flight each, for {} s",
+                count(s.concurrency as u64, "worker", "workers"),
+                bytes(s.udp_size),
+                s.duration_s
             ),
         })
         .collect();

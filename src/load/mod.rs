@@ -10,13 +10,14 @@
 //! - [`rate`]: short connections, as many per second as the server takes.
 //! - [`stream`]: long connections echoing continuously.
 //! - [`hold`]: many idle connections, and what they cost the server.
+//! - [`udp`]: datagrams over UDP, one in flight per worker: rate, loss, latency.
 //! - [`proctree`]: a server's process tree from `/proc`: processes, threads,
 //!   zombies, PSS and CPU time.
 //! - [`sys`]: the generator's own CPU time, descriptor limit and CPU affinity.
 //! - [`progress`]: a progress bar on a terminal, nothing otherwise.
 //! - [`workers`]: a workload's threads, started, watched and gathered.
 //! - [`targets`]: starting the servers `compare` measures (forkd, the C
-//!   floor servers, Python, socat, tcpserver).
+//!   floor servers (fork, thread, UDP), Python, socat, tcpserver).
 //! - [`compare`]: the comparison run and `compare.json`.
 //! - [`markdown`] and [`chart`]: `compare.md` and `compare.svg`.
 //!
@@ -37,6 +38,7 @@ pub mod report;
 pub mod stream;
 pub mod sys;
 pub mod targets;
+pub mod udp;
 pub mod workers;
 
 use std::process::ExitCode;
@@ -89,6 +91,7 @@ pub fn run(args: cli::Args) -> Result<u8, Error> {
         cli::Command::Rate(a) => rate::main(&a),
         cli::Command::Stream(a) => stream::main(&a),
         cli::Command::Hold(a) => hold::main(&a),
+        cli::Command::Udp(a) => udp::main(&a),
         cli::Command::Compare(a) => compare::main(&a),
     }
 }

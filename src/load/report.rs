@@ -195,7 +195,7 @@ impl Latency {
 /// One run of one workload against one server.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
-    /// `rate`, `stream` or `hold`.
+    /// `rate`, `stream`, `hold` or `udp`.
     pub workload: &'static str,
     /// The server's name in a comparison (`forkd-fork`...), else null.
     pub target: Option<String>,
@@ -217,6 +217,14 @@ pub struct Report {
     /// rate: the open loop's pace in connections a second; null for a closed loop.
     pub pace_per_s: Option<f64>,
     pub errors: Errors,
+    /// udp: datagrams echoed and checked.
+    pub datagrams: Option<u64>,
+    /// udp: checked datagrams per second.
+    pub dgram_per_s: Option<f64>,
+    /// udp: datagrams with no reply within the wait.
+    pub lost: Option<u64>,
+    /// udp: lost, in percent of the datagrams sent.
+    pub loss_pct: Option<f64>,
     /// hold: connections open and proven served (echoed once).
     pub held: Option<u64>,
     /// hold: processes in the server's tree while holding.
@@ -286,6 +294,14 @@ impl Report {
                 self.bytes as f64 / MIB,
                 self.elapsed_s,
                 self.mib_per_s.unwrap_or(0.0)
+            )),
+            "udp" => out.push_str(&format!(
+                "{name}: {} echoed and checked in {:.2} s = {:.1} datagrams/s, {} lost ({:.3}%)\n",
+                count(self.datagrams.unwrap_or(0), "datagram", "datagrams"),
+                self.elapsed_s,
+                self.dgram_per_s.unwrap_or(0.0),
+                self.lost.unwrap_or(0),
+                self.loss_pct.unwrap_or(0.0)
             )),
             _ => out.push_str(&format!(
                 "{name}: {} of {} held and served\n",

@@ -28,6 +28,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 const FLOOR_FORK_C: &str = include_str!("../../benches/floor_fork.c");
 const FLOOR_THREAD_C: &str = include_str!("../../benches/floor_thread.c");
+const FLOOR_UDP_C: &str = include_str!("../../benches/floor_udp.c");
 const PY_ECHO: &str = include_str!("../../scripts/py_echo.py");
 
 /// A kind of server to measure.
@@ -36,6 +37,8 @@ pub enum Kind {
     Forkd(Mode),
     FloorFork,
     FloorThread,
+    /// UDP only: a blocking receive-and-send loop.
+    FloorUdp,
     PythonFork,
     PythonThread,
     Socat,
@@ -49,6 +52,7 @@ impl Kind {
             Kind::Forkd(Mode::Thread) => "forkd-thread",
             Kind::FloorFork => "floor-fork",
             Kind::FloorThread => "floor-thread",
+            Kind::FloorUdp => "floor-udp",
             Kind::PythonFork => "python-fork",
             Kind::PythonThread => "python-thread",
             Kind::Socat => "socat",
@@ -60,9 +64,14 @@ impl Kind {
     pub fn family(self) -> &'static str {
         match self {
             Kind::Forkd(_) => "forkd",
-            Kind::FloorFork | Kind::FloorThread => "floor",
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorUdp => "floor",
             _ => "peer",
         }
+    }
+
+    /// Whether the server serves TCP (the rate, stream and hold workloads).
+    pub fn tcp(self) -> bool {
+        self != Kind::FloorUdp
     }
 
     /// Whether the server starts a process per connection.
@@ -91,7 +100,10 @@ pub struct Launcher {
 /// A running server, stopped on drop.
 pub struct Server {
     pub kind: Kind,
+    /// The TCP address (for a UDP-only server, its UDP address).
     pub addr: SocketAddr,
+    /// The UDP address, for a server that echoes UDP.
+    pub udp: Option<SocketAddr>,
     child: Child,
     stopped: Option<String>,
 }
@@ -132,6 +144,7 @@ impl Launcher {
                 let mode = if mode == Mode::Fork { "fork" } else { "thread" };
                 let mut cmd = Command::new(&self.forkd);
                 cmd.args(["--print-addr", "-l", "127.0.0.1:0", "--log", "stderr", "-q"])
+                    .args(["--udp", "127.0.0.1:0", "--udp-rate", "0"])
                     .args(["--mode", mode, "--max-conns", &cap])
                     // The load comes from one address, as no public client
                     // does: the per-source limits and early drop stay off.
@@ -145,7 +158,7 @@ impl Launcher {
                     ]);
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
-            Kind::FloorFork | Kind::FloorThread => {
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorUdp => {
                 let bin = self.build_floor(kind)?;
                 let mut cmd = Command::new(bin);
                 cmd.arg("0");
@@ -208,6 +221,7 @@ impl Launcher {
     fn build_floor(&self, kind: Kind) -> Result<PathBuf, Error> {
         let (stem, source, extra): (&str, &str, &[&str]) = match kind {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
+            Kind::FloorUdp => ("floor_udp", FLOOR_UDP_C, &[]),
             _ => ("floor_thread", FLOOR_THREAD_C, &["-pthread"]),
         };
         let src = self.out.join(format!("{stem}.c"));
@@ -269,17 +283,33 @@ impl Launcher {
         let mut child = cmd
             .spawn()
             .map_err(|e| unavailable(format!("cannot start: {e}")))?;
-        let addr = match ready {
-            Ready::Address | Ready::Port => child
-                .stdout
-                .take()
-                .and_then(|out| first_line(out, READY_WAIT))
-                .and_then(|line| parse_ready(&line, ready)),
-            Ready::Connect(addr) => wait_connect(addr, READY_WAIT, &mut child).then_some(addr),
+        // forkd prints its TCP address, then `udp ADDR`; the UDP floor only the latter.
+        let lines = match kind {
+            Kind::Forkd(_) => 2,
+            _ => 1,
+        };
+        let (addr, udp) = match ready {
+            Ready::Address | Ready::Port => {
+                let printed = child
+                    .stdout
+                    .take()
+                    .map(|out| first_lines(out, lines, READY_WAIT))
+                    .unwrap_or_default();
+                let udp = printed
+                    .iter()
+                    .find_map(|l| l.trim().strip_prefix("udp ")?.parse().ok());
+                let tcp = printed.iter().find_map(|l| parse_ready(l, ready));
+                (tcp.or(udp), udp)
+            }
+            Ready::Connect(addr) => (
+                wait_connect(addr, READY_WAIT, &mut child).then_some(addr),
+                None,
+            ),
         };
         let mut server = Server {
             kind,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            udp,
             child,
             stopped: None,
         };
@@ -320,15 +350,27 @@ fn parse_ready(line: &str, ready: Ready) -> Option<SocketAddr> {
     }
 }
 
-/// The first line a child prints, within `limit`.
-fn first_line(out: impl std::io::Read + Send + 'static, limit: Duration) -> Option<String> {
+/// The first `n` lines a child prints (fewer if it closes stdout first), within `limit`.
+fn first_lines(out: impl std::io::Read + Send + 'static, n: usize, limit: Duration) -> Vec<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(out).read_line(&mut line);
-        let _ = tx.send(line);
+        let mut r = BufReader::new(out);
+        for _ in 0..n {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 || tx.send(line).is_err() {
+                break;
+            }
+        }
     });
-    rx.recv_timeout(limit).ok().filter(|l| !l.is_empty())
+    let end = Instant::now() + limit;
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(l) => lines.push(l),
+            Err(_) => break,
+        }
+    }
+    lines
 }
 
 fn wait_connect(addr: SocketAddr, limit: Duration, child: &mut Child) -> bool {

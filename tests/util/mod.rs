@@ -44,16 +44,20 @@ pub fn root_or_skip(test: &str, why: &str) -> bool {
 /// A running forkd, killed (SIGKILL) and waited for on drop.
 pub struct Forkd {
     pub child: Child,
+    /// The TCP addresses printed, one per line as `IP:PORT`.
     pub addrs: Vec<SocketAddr>,
+    /// The UDP addresses printed, one per line as `udp IP:PORT`.
+    pub udp_addrs: Vec<SocketAddr>,
     log: Arc<Mutex<String>>,
     args: Vec<String>,
 }
 
 impl Forkd {
     /// Start `forkd --print-addr --log stderr -l 127.0.0.1:0 ARGS...` (no `-l`
-    /// added when ARGS has one) and wait up to 10 s for its addresses.
-    /// Every client of a test comes from one address, so the per-source
-    /// limits and early drop are off unless ARGS sets them.
+    /// added when ARGS has one, or a `--udp`) and wait up to 10 s for its
+    /// addresses. Every client of a test comes from one address, so the
+    /// per-source limits (UDP's too) and early drop are off unless ARGS
+    /// sets them.
     pub fn start(args: &[&str]) -> Forkd {
         Forkd::start_with(Command::new(FORKD), args)
     }
@@ -61,13 +65,14 @@ impl Forkd {
     /// As [`Forkd::start`], with a prepared command (environment, pre_exec...).
     pub fn start_with(cmd: Command, args: &[&str]) -> Forkd {
         let mut full: Vec<String> = vec!["--print-addr".into(), "--log".into(), "stderr".into()];
-        if !args.iter().any(|a| *a == "-l" || *a == "--listen") {
+        if !args.iter().any(|a| ["-l", "--listen", "--udp"].contains(a)) {
             full.extend(["-l".into(), "127.0.0.1:0".into()]);
         }
         for (option, off) in [
             ("--max-per-ip", "0"),
             ("--max-per-net", "0"),
             ("--early-drop", "off"),
+            ("--udp-rate", "0"),
         ] {
             if !args.contains(&option) {
                 full.extend([option.into(), off.into()]);
@@ -105,13 +110,18 @@ impl Forkd {
         });
         let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
         let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
+        let udp_addrs: Vec<SocketAddr> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("udp ")?.parse().ok())
+            .collect();
         let mut f = Forkd {
             child,
             addrs,
+            udp_addrs,
             log,
             args: full,
         };
-        if f.addrs.is_empty() {
+        if f.addrs.is_empty() && f.udp_addrs.is_empty() {
             let status = f.wait_exit(Duration::from_secs(2));
             panic!(
                 "forkd {:?} printed no address (status {status:?}); log:\n{}",
@@ -124,6 +134,11 @@ impl Forkd {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The first UDP address printed.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addrs[0]
     }
 
     pub fn pid(&self) -> i32 {
@@ -508,4 +523,25 @@ pub fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// A UDP client socket bound to `local` (port 0: any), with a `limit` read timeout.
+pub fn udp_client(local: &str, limit: Duration) -> std::net::UdpSocket {
+    let s = std::net::UdpSocket::bind(local).expect("bind a UDP client");
+    s.set_read_timeout(Some(limit)).unwrap();
+    s
+}
+
+/// Send `data` to `to` and wait up to the socket's read timeout for a
+/// reply; the reply and where it came from, or None when none came.
+pub fn udp_echo(
+    s: &std::net::UdpSocket,
+    to: SocketAddr,
+    data: &[u8],
+) -> Option<(Vec<u8>, SocketAddr)> {
+    s.send_to(data, to).expect("send a datagram");
+    let mut buf = vec![0u8; 70_000];
+    let (n, from) = s.recv_from(&mut buf).ok()?;
+    buf.truncate(n);
+    Some((buf, from))
 }
