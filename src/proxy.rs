@@ -25,8 +25,10 @@
 //! log line (at most one a second per kind, with a count of the rest).
 //!
 //! A header without a client address, v2's LOCAL command (HAProxy's health
-//! checks) or v1's `UNKNOWN`, is served as a connection from the balancer
-//! itself, and its end is logged at debug level only ([`Via::Local`]).
+//! checks) or v1's `UNKNOWN`, or one naming the connection's own address
+//! and port as the client (HAProxy's v1 health checks), is served as a
+//! connection from the balancer itself, and its end is logged at debug
+//! level only ([`Via::Local`]).
 
 use std::collections::VecDeque;
 use std::io;
@@ -145,8 +147,9 @@ pub enum Via {
     Direct,
     /// Through a balancer; the peer is the client its header named.
     Proxied,
-    /// A header naming no client (v2 LOCAL, v1 UNKNOWN): the balancer's own
-    /// connection, a health check. The peer is the balancer.
+    /// A header naming no client (v2 LOCAL, v1 UNKNOWN) or naming the
+    /// connection's own end: the balancer's own connection, a health
+    /// check. The peer is the balancer.
     Local,
 }
 
@@ -438,12 +441,14 @@ fn more(n: u64) -> String {
 
 fn ready(conn: OwnedFd, balancer: SocketAddr, client: Option<SocketAddr>) -> Ready {
     match client {
-        Some(peer) => Ready {
+        // The header names the connection's own end: the balancer's own
+        // connection (HAProxy's v1 health checks send such a header).
+        Some(peer) if peer != balancer => Ready {
             conn,
             peer,
             via: Via::Proxied,
         },
-        None => Ready {
+        _ => Ready {
             conn,
             peer: balancer,
             via: Via::Local,

@@ -162,6 +162,12 @@ fn local_headers_are_served_quietly_as_the_balancer() {
     s.write_all(b"PROXY UNKNOWN\r\n").unwrap();
     ping(&mut s, b"unknown\n");
     drop(s);
+    // v1 naming the connection's own end, as HAProxy's v1 checks do.
+    let mut s = connect(f.addr());
+    let own = s.local_addr().unwrap();
+    s.write_all(&header_v1(own, f.addr())).unwrap();
+    ping(&mut s, b"self\n");
+    drop(s);
     // A proxied one after them: its end line comes, theirs never did.
     let mut s = connect(f.addr());
     s.write_all(&header_v2(a("192.0.2.5:5"), f.addr())).unwrap();
