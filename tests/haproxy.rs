@@ -47,7 +47,7 @@ impl Haproxy {
 
 /// Is HAProxy installed? Says so in one line when it is not.
 fn haproxy_or_skip(test: &str) -> bool {
-    let found = Command::new("haproxy")
+    let found = Command::new(haproxy_bin())
         .arg("-v")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -97,7 +97,7 @@ fn haproxy(v2: SocketAddr, v1: SocketAddr) -> Haproxy {
         let front = free_port();
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(&cfg, config(front, v2, v1)).unwrap();
-        let mut child = Command::new("haproxy")
+        let mut child = Command::new(haproxy_bin())
             .arg("-db")
             .arg("-f")
             .arg(&cfg)
@@ -321,7 +321,7 @@ fn untrusted_or_missing_headers_are_refused() {
         config(cfg_front, a.addr(), b.addr()),
     )
     .unwrap();
-    let mut hp = Command::new("haproxy")
+    let mut hp = Command::new(haproxy_bin())
         .arg("-db")
         .arg("-f")
         .arg(dir.join("haproxy.cfg"))
@@ -423,4 +423,13 @@ fn a_killed_forkd_is_marked_down_and_the_other_serves() {
         failed_during <= 5,
         &format!("{failed_during} connections failed around the kill"),
     );
+}
+
+/// Debian's haproxy lives in /usr/sbin, which a user's PATH may lack.
+fn haproxy_bin() -> &'static str {
+    if std::path::Path::new("/usr/sbin/haproxy").exists() {
+        "/usr/sbin/haproxy"
+    } else {
+        "haproxy"
+    }
 }
