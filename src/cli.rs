@@ -167,6 +167,22 @@ pub struct Config {
     /// Serve the one connection open on stdin/stdout, then exit (systemd Accept=yes, inetd).
     #[arg(long)]
     pub inetd: bool,
+
+    /// Every connection must begin with a PROXY protocol header (v1 or v2), from a --proxy-from address.
+    #[arg(long = "proxy-protocol")]
+    pub proxy_protocol: bool,
+
+    /// A balancer allowed to send PROXY headers, as an address or CIDR (repeatable; needs --proxy-protocol).
+    #[arg(long = "proxy-from", value_name = "CIDR", value_parser = parse_cidr)]
+    pub proxy_from: Vec<crate::proxy::Cidr>,
+
+    /// How long a connection may take to send its whole PROXY header before it is closed.
+    #[arg(long = "proxy-timeout", value_name = "DUR", default_value = "3s", value_parser = parse_proxy_timeout)]
+    pub proxy_timeout: Duration,
+
+    /// Bind with SO_REUSEPORT, so several forkd can listen on one address (the kernel spreads connections).
+    #[arg(long = "reuse-port")]
+    pub reuse_port: bool,
 }
 
 impl Config {
@@ -222,6 +238,17 @@ impl Config {
         if self.group.is_some() && self.user.is_none() {
             return Err(Error::usage("--group needs --user"));
         }
+        if self.proxy_protocol && self.proxy_from.is_empty() {
+            return Err(Error::usage(
+                "--proxy-protocol needs --proxy-from CIDR: the balancers allowed to send PROXY headers",
+            ));
+        }
+        if !self.proxy_from.is_empty() && !self.proxy_protocol {
+            return Err(Error::usage("--proxy-from needs --proxy-protocol"));
+        }
+        if self.proxy_protocol && self.inetd {
+            return Err(Error::usage("--proxy-protocol cannot be used with --inetd"));
+        }
         Ok(self)
     }
 
@@ -271,6 +298,14 @@ impl Config {
             v6_prefix: self.net_prefix.1,
         }
     }
+
+    /// The PROXY protocol stage, if `--proxy-protocol`.
+    pub fn proxy(&self) -> Option<crate::proxy::Settings> {
+        self.proxy_protocol.then(|| crate::proxy::Settings {
+            from: self.proxy_from.clone(),
+            timeout: self.proxy_timeout,
+        })
+    }
 }
 
 /// `--early-drop START:RATE:FULL`, in percent of `--max-conns`: from START
@@ -300,6 +335,17 @@ fn parse_early_drop(s: &str) -> Result<EarlyDrop, String> {
         return Err(bad());
     }
     Ok(EarlyDrop::Between { start, rate, full })
+}
+
+fn parse_cidr(s: &str) -> Result<crate::proxy::Cidr, String> {
+    s.parse()
+}
+
+fn parse_proxy_timeout(s: &str) -> Result<Duration, String> {
+    match parse_timeout(s)? {
+        d if d.is_zero() => Err("must be more than 0 (a header must come in time)".to_string()),
+        d => Ok(d),
+    }
 }
 
 fn parse_prefixes(s: &str) -> Result<(u8, u8), String> {

@@ -27,10 +27,12 @@ use crate::error::{EXIT_SOFTWARE, Error};
 use crate::events::{self, Throttle};
 use crate::listen::Listener;
 use crate::model::{Collect, How, Model, Stop, Terms};
+use crate::proxy::{self, Via};
 use crate::signals::{Pending, Signals};
 use crate::sources::{Limits, Refused, Sources};
 use crate::table::Table;
 use crate::udp::Udp;
+use crate::upgrade::{Outcome, Upgrade};
 use crate::{logging, signals, systemd};
 
 /// Settings the dispatcher takes from the command line.
@@ -39,6 +41,10 @@ pub struct Settings {
     pub sources: Limits,
     pub early_drop: EarlyDrop,
     pub grace: Duration,
+    /// `--proxy-protocol`: read each connection's PROXY header first.
+    pub proxy: Option<proxy::Settings>,
+    /// What SIGUSR2 starts (None: no upgrade, as in tests of the loop).
+    pub upgrade: Option<Upgrade>,
 }
 
 /// What the dispatcher did, for the exit line.
@@ -69,6 +75,9 @@ enum Phase {
     Killed,
 }
 
+/// Poll entries beyond the pipe and the listeners: the PROXY stage's epoll
+/// descriptor, and an upgrade's notify socket and pidfd.
+const HOOK_ENTRIES: usize = 3;
 /// After fork/thread failures and descriptor exhaustion, stop accepting this long.
 const BACKOFF: Duration = Duration::from_millis(100);
 /// Accepts per listener per wake-up, so signals and ends are never starved.
@@ -105,7 +114,8 @@ impl Books {
         }
         self.status_dirty = true;
         let bytes = self.counters.read(slot);
-        events::end(self.terms, id, conn.peer, how, bytes, conn.start.elapsed());
+        let took = conn.start.elapsed();
+        events::end(self.terms, id, conn.peer, how, bytes, took, conn.quiet);
     }
 }
 
@@ -124,6 +134,11 @@ pub struct Dispatcher<M: Model> {
     pollfds: &'static mut [libc::pollfd],
     /// How many entries of `pollfds` the last poll used.
     polled: usize,
+    /// Connections waiting for their PROXY header (see [`crate::proxy`]).
+    proxy: Option<proxy::Stage>,
+    upgrade: Option<Upgrade>,
+    /// Where the last poll put the PROXY stage's and the upgrade's entries.
+    hooks_at: usize,
     refused_log: Throttle,
     early_drop_log: Throttle,
     /// xorshift state for --early-drop's coin.
@@ -151,9 +166,18 @@ impl<M: Model> Dispatcher<M> {
         let sources = Sources::new(settings.sources, settings.max_conns)
             .map_err(|e| Error::os("cannot map the per-source counts", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
-        let room = 1 + listeners.len() + crate::udp::MAX_SOCKETS;
+        let room = 1 + listeners.len() + crate::udp::MAX_SOCKETS + HOOK_ENTRIES;
         let pollfds = unsafe { crate::memory::private::<libc::pollfd>(room) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
+        let proxy = match settings.proxy.clone() {
+            Some(p) => Some(
+                proxy::Stage::new(p, settings.max_conns)
+                    .map_err(|e| Error::os("cannot create the PROXY stage", e))?,
+            ),
+            None => None,
+        };
+        let mut settings = settings;
+        let upgrade = settings.upgrade.take();
         Ok(Dispatcher {
             books: Books {
                 terms: model.terms(),
@@ -173,6 +197,9 @@ impl<M: Model> Dispatcher<M> {
             status_sent: None,
             pollfds,
             polled: 0,
+            proxy,
+            upgrade,
+            hooks_at: 0,
             refused_log: Throttle::default(),
             early_drop_log: Throttle::default(),
             coin: seed(),
@@ -214,6 +241,7 @@ impl<M: Model> Dispatcher<M> {
             };
             self.collect(why);
             self.udp.on_readable(&self.pollfds[..self.polled]);
+            self.run_hooks(Instant::now());
 
             if self.stopping.is_some() {
                 if self.drain_step(Instant::now()) {
@@ -239,8 +267,47 @@ impl<M: Model> Dispatcher<M> {
         Ok(self.books.summary)
     }
 
+    /// At the cap: connections served, plus those waiting for their PROXY
+    /// header (each holds a place, so the wait is bounded too).
     fn full(&self) -> bool {
-        self.books.table.active() >= self.settings.max_conns
+        self.books.table.active() + self.waiting() >= self.settings.max_conns
+    }
+
+    fn waiting(&self) -> usize {
+        self.proxy.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// The PROXY stage and the upgrade, after each wake-up: headers read,
+    /// connections admitted, late ones closed; an upgrade's progress.
+    fn run_hooks(&mut self, now: Instant) {
+        let readable = |i: usize| i < self.polled && self.pollfds[i].revents != 0;
+        if let Some(stage) = &mut self.proxy {
+            if !stage.is_empty() && readable(self.hooks_at) {
+                stage.on_readable(now);
+            }
+            stage.expire(now);
+        }
+        while let Some(r) = self.proxy.as_mut().and_then(|p| p.next_ready()) {
+            self.admit(r.conn, r.peer, r.via);
+        }
+        let Some(outcome) = self.upgrade.as_mut().and_then(|u| u.check(now)) else {
+            return;
+        };
+        match outcome {
+            Outcome::Failed(why) => events::upgrade_failed(&why),
+            Outcome::Ready(pid) => {
+                let active = self.books.table.active();
+                events::upgrade_ready(pid, active, self.settings.grace);
+                systemd::main_pid(
+                    pid,
+                    &format!("upgraded: pid {pid} serves, the old dispatcher drains {active}"),
+                );
+                // Only this process's copies close: the new forkd holds the
+                // sockets, and what waits in their backlog is its to accept.
+                self.listeners.clear();
+                self.stopping = Some((Phase::Grace, now + self.settings.grace));
+            }
+        }
     }
 
     /// Poll the wake-up pipe and (when accepting) the listeners; returns
@@ -260,13 +327,25 @@ impl<M: Model> Dispatcher<M> {
             }
             self.polled += self.listeners.len();
         }
+        // Listeners not polled now are skipped (fd -1); the rest go after them.
+        let at = 1 + self.listeners.len();
+        self.pollfds[self.polled..at]
+            .iter_mut()
+            .for_each(|e| e.fd = -1);
+        self.polled = at;
         if !self.udp.is_empty() {
-            // Listeners not polled now are skipped (fd -1); UDP goes after them.
-            let at = 1 + self.listeners.len();
-            self.pollfds[self.polled..at]
-                .iter_mut()
-                .for_each(|e| e.fd = -1);
-            self.polled = at + self.udp.add_to(self.pollfds, at);
+            self.polled += self.udp.add_to(self.pollfds, at);
+        }
+        self.hooks_at = self.polled;
+        if let Some(stage) = self.proxy.as_ref().filter(|p| !p.is_empty()) {
+            self.pollfds[self.polled] = entry(stage.fd());
+            self.polled += 1;
+        }
+        if let Some(fds) = self.upgrade.as_ref().and_then(|u| u.fds()) {
+            for fd in fds {
+                self.pollfds[self.polled] = entry(fd);
+                self.polled += 1;
+            }
         }
         let timeout: i32 = timeout.into();
         // SAFETY: `pollfds` holds at least `polled` valid pollfd structures,
@@ -293,7 +372,7 @@ impl<M: Model> Dispatcher<M> {
 
     /// Did the last poll find listener `i` readable?
     fn listener_ready(&self, i: usize) -> bool {
-        i + 1 < self.polled && self.pollfds[i + 1].revents != 0
+        i < self.listeners.len() && self.pollfds[i + 1].revents != 0
     }
 
     /// How long poll may sleep: until the next deadline, if any.
@@ -304,6 +383,12 @@ impl<M: Model> Dispatcher<M> {
             consider(deadline);
             // Zombies (in --reap off) are counted by looking, not told by a signal.
             consider(now + Duration::from_millis(100));
+        }
+        if let Some(t) = self.proxy.as_ref().and_then(|p| p.next_deadline()) {
+            consider(t);
+        }
+        if let Some(t) = self.upgrade.as_ref().and_then(|u| u.deadline()) {
+            consider(t);
         }
         if self.books.status_dirty && systemd::notify_socket_set() {
             consider(self.status_sent.map_or(now, |t| t + STATUS_EVERY));
@@ -335,9 +420,15 @@ impl<M: Model> Dispatcher<M> {
             }
         }
         let active = self.books.table.active();
+        if pending.has(Pending::UPGRADE) {
+            self.start_upgrade();
+        }
         if pending.has(Pending::QUIT) {
             events::quit(self.books.terms, active);
             self.begin_stop();
+            if let Some(p) = &mut self.proxy {
+                p.clear();
+            }
             self.stop_all(Stop::Kill);
             self.stopping = Some((Phase::Killed, Instant::now() + KILL_WAIT));
             return;
@@ -363,6 +454,21 @@ impl<M: Model> Dispatcher<M> {
         }
     }
 
+    /// SIGUSR2: start the new forkd (see [`crate::upgrade`]); serve on meanwhile.
+    fn start_upgrade(&mut self) {
+        let Some(upgrade) = &mut self.upgrade else {
+            return;
+        };
+        if self.stopping.is_some() {
+            events::upgrade_refused("forkd is stopping");
+            return;
+        }
+        match upgrade.start(&self.listeners, Instant::now()) {
+            Ok(pid) => events::upgrade_started(pid),
+            Err(why) => events::upgrade_refused(&why),
+        }
+    }
+
     /// Close the listeners (so clients are refused, not queued) and tell systemd.
     fn begin_stop(&mut self) {
         self.listeners.clear();
@@ -372,7 +478,7 @@ impl<M: Model> Dispatcher<M> {
 
     /// One step of the stop: true when every connection has ended.
     fn drain_step(&mut self, now: Instant) -> bool {
-        let live = self.books.table.active() - self.finished();
+        let live = self.books.table.active() - self.finished() + self.waiting();
         if live == 0 {
             return true;
         }
@@ -385,6 +491,9 @@ impl<M: Model> Dispatcher<M> {
         match phase {
             Phase::Grace => {
                 events::grace_over(self.books.terms, live);
+                if let Some(p) = &mut self.proxy {
+                    p.clear();
+                }
                 self.stop_all(Stop::Terminate);
                 self.stopping = Some((Phase::Terminated, now + TERM_TO_KILL));
             }
@@ -463,7 +572,14 @@ impl<M: Model> Dispatcher<M> {
                     return;
                 }
             };
-            self.admit(conn, peer);
+            match &mut self.proxy {
+                None => self.admit(conn, peer, Via::Direct),
+                Some(stage) => {
+                    if let Some(r) = stage.arrive(conn, peer, Instant::now()) {
+                        self.admit(r.conn, r.peer, r.via);
+                    }
+                }
+            }
             if self.paused_until.is_some() {
                 return;
             }
@@ -491,8 +607,9 @@ impl<M: Model> Dispatcher<M> {
         (self.coin % 1000) < chance as u64
     }
 
-    /// Hand an accepted connection to the model, or refuse it.
-    fn admit(&mut self, conn: OwnedFd, peer: SocketAddr) {
+    /// Hand an accepted connection to the model, or refuse it. `peer` is
+    /// the client: behind a balancer, the one its PROXY header named.
+    fn admit(&mut self, conn: OwnedFd, peer: SocketAddr, via: Via) {
         if self.drop_early() {
             drop(conn);
             self.books.summary.refused.early += 1;
@@ -519,6 +636,9 @@ impl<M: Model> Dispatcher<M> {
             books.sources.release(peer.ip());
             return;
         };
+        if via == Via::Local {
+            books.table.set_quiet(slot);
+        }
         let bytes = books.counters.start(slot);
         match self.model.start(conn, peer, slot, bytes) {
             Ok(id) => {
@@ -575,6 +695,10 @@ impl<M: Model> Dispatcher<M> {
         let finished = match terms.finished {
             Some(word) => format!(", {word} {}", self.finished()),
             None => String::new(),
+        };
+        let finished = match &self.proxy {
+            Some(p) => format!("{finished}, awaiting PROXY header {}", p.len()),
+            None => finished,
         };
         format!(
             "status: mode {}, active {}/{}, served {}, {} {}{finished}",

@@ -89,12 +89,21 @@ pub fn accept_failed(listener: &str, why: &str) {
     error!("accept on {listener}: {why}");
 }
 
-/// A connection ended: one line, at info if it ended normally.
-pub fn end(terms: &Terms, id: u64, peer: SocketAddr, how: How, bytes: u64, took: Duration) {
-    let level = if how.is_normal() {
-        log::Level::Info
-    } else {
-        log::Level::Warn
+/// A connection ended: one line, at info if it ended normally (at debug
+/// for a `quiet` one, a balancer's health check).
+pub fn end(
+    terms: &Terms,
+    id: u64,
+    peer: SocketAddr,
+    how: How,
+    bytes: u64,
+    took: Duration,
+    quiet: bool,
+) {
+    let level = match (how.is_normal(), quiet) {
+        (true, true) => log::Level::Debug,
+        (true, false) => log::Level::Info,
+        (false, _) => log::Level::Warn,
     };
     log::log!(
         level,
@@ -172,6 +181,26 @@ pub fn gave_up(live: usize) {
         "{} did not end when forced; exiting anyway",
         count(live as u64, "connection")
     );
+}
+
+pub fn upgrade_started(pid: i32) {
+    info!("SIGUSR2: upgrade: started the new forkd as pid {pid}; accepting until it is ready");
+}
+
+pub fn upgrade_ready(pid: i32, active: usize, grace: Duration) {
+    info!(
+        "upgrade: pid {pid} is ready and accepting; this dispatcher stops accepting, and {} may finish within {}",
+        count(active as u64, "active connection"),
+        humantime::format_duration(grace)
+    );
+}
+
+pub fn upgrade_failed(why: &str) {
+    error!("upgrade failed: {why}; serving on");
+}
+
+pub fn upgrade_refused(why: &str) {
+    warn!("SIGUSR2: no upgrade: {why}");
 }
 
 pub fn ignored(name: &str) {

@@ -31,6 +31,10 @@
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
 //! - [`limits`]: the descriptor limit and the start-up checks of `--max-conns`.
 //! - [`sources`]: `--max-per-ip` and `--max-per-net` counting.
+//! - [`proxy`]: `--proxy-protocol`, the PROXY header read (never blocking)
+//!   between accept and admission, so the real client is what is counted.
+//! - [`upgrade`]: SIGUSR2, the binary upgrade that hands the listening
+//!   sockets to a new forkd and drains.
 //! - [`privdrop`]: `--user` / `--group`.
 //! - [`title`]: process names and titles for `ps`.
 //! - [`error`]: start-up errors and the documented exit codes.
@@ -65,6 +69,7 @@ pub mod memory;
 pub mod model;
 pub mod privdrop;
 pub mod probe;
+pub mod proxy;
 pub mod reaper;
 pub mod server;
 pub mod signals;
@@ -74,6 +79,7 @@ pub mod table;
 pub mod thread;
 pub mod title;
 pub mod udp;
+pub mod upgrade;
 
 use std::process::ExitCode;
 

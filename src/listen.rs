@@ -29,7 +29,11 @@ pub struct Listener {
 
 impl Listener {
     /// Create, configure, bind and listen; each failure names the address and the cause.
-    pub fn bind(addr: SocketAddr, backlog: i32) -> Result<Listener, Error> {
+    ///
+    /// With `reuse_port`, SO_REUSEPORT too: several sockets (of one user) may
+    /// bind `addr`, and the kernel spreads new connections over them by a
+    /// hash of the client's address and port.
+    pub fn bind(addr: SocketAddr, backlog: i32, reuse_port: bool) -> Result<Listener, Error> {
         let family = match addr {
             SocketAddr::V4(_) => AddressFamily::Inet,
             SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -44,6 +48,10 @@ impl Listener {
         .map_err(|e| Error::os(what("create a socket for"), e))?;
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
             .map_err(|e| Error::os(what("set SO_REUSEADDR on"), e))?;
+        if reuse_port {
+            socket::setsockopt(&fd, sockopt::ReusePort, &true)
+                .map_err(|e| Error::os(what("set SO_REUSEPORT on"), e))?;
+        }
         if family == AddressFamily::Inet6 {
             socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)
                 .map_err(|e| Error::os(what("set IPV6_V6ONLY on"), e))?;

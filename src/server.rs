@@ -28,6 +28,7 @@ use crate::{events, inetd, limits, logging, privdrop, reaper, signals, systemd, 
 /// Run forkd as configured; returns the exit code for a clean stop.
 pub fn run(config: Config) -> Result<u8, Error> {
     ensure_stdio();
+    systemd::take_upgrade_socket();
     logging::init(config.log, &config.syslog_socket, config.level())?;
     if config.inetd {
         return inetd::serve(config.buffer, config.first_byte(), config.idle());
@@ -43,7 +44,7 @@ pub fn run(config: Config) -> Result<u8, Error> {
     let activated = !listeners.is_empty() || !datagrams.is_empty();
     if !activated {
         for addr in &config.listen {
-            listeners.push(Listener::bind(*addr, config.backlog)?);
+            listeners.push(Listener::bind(*addr, config.backlog, config.reuse_port)?);
         }
         for addr in &config.udp {
             datagrams.push(UdpSocket::bind(*addr)?);
@@ -66,6 +67,8 @@ pub fn run(config: Config) -> Result<u8, Error> {
         sources: config.sources(),
         early_drop: config.early_drop,
         grace: config.grace,
+        proxy: config.proxy(),
+        upgrade: Some(crate::upgrade::Upgrade::capture()),
     };
     title::set_comm(c"forkd");
     match config.mode {

@@ -8,7 +8,8 @@
 //! | SIGHUP | log the status line and reconnect to syslog |
 //! | SIGXCPU | the CPU-time limit is reached: graceful stop (SIGKILL follows at the hard limit) |
 //! | SIGCHLD | reap (fork mode, see [`crate::reaper`]) |
-//! | SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGTRAP, SIGSTKFLT, SIGSYS, SIGXFSZ, SIGPWR, SIGIO, SIGRTMIN..SIGRTMAX | no meaning: ignored, and logged at most once a second |
+//! | SIGUSR2 | binary upgrade: start the binary anew with the listening sockets, then drain (see [`crate::upgrade`]) |
+//! | SIGALRM, SIGVTALRM, SIGPROF, SIGTRAP, SIGSTKFLT, SIGSYS, SIGXFSZ, SIGPWR, SIGIO, SIGRTMIN..SIGRTMAX | no meaning: ignored, and logged at most once a second |
 //! | SIGTTIN, SIGTTOU | ignored quietly, so terminal I/O never stops forkd |
 //! | SIGPIPE | ignored (Rust's default): a vanished client is EPIPE, a normal end |
 //! | SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT | a real fault: the default, forkd dies (and systemd restarts it) |
@@ -54,6 +55,7 @@ impl Pending {
     pub const RELOAD: u32 = 4; // SIGHUP: status line, reconnect to syslog
     pub const CHILD: u32 = 8; // SIGCHLD: children ended
     pub const CPU_LIMIT: u32 = 16; // SIGXCPU: graceful stop
+    pub const UPGRADE: u32 = 32; // SIGUSR2: binary upgrade
 
     pub fn has(self, bit: u32) -> bool {
         self.bits & bit != 0
@@ -84,7 +86,7 @@ const HANDLED: [(Signal, Meaning); 17] = [
     (Signal::SIGUSR1, Meaning::Event(Pending::STATUS)),
     (Signal::SIGHUP, Meaning::Event(Pending::RELOAD)),
     (Signal::SIGXCPU, Meaning::Event(Pending::CPU_LIMIT)),
-    (Signal::SIGUSR2, Meaning::Ignore),
+    (Signal::SIGUSR2, Meaning::Event(Pending::UPGRADE)),
     (Signal::SIGALRM, Meaning::Ignore),
     (Signal::SIGVTALRM, Meaning::Ignore),
     (Signal::SIGPROF, Meaning::Ignore),

@@ -30,9 +30,36 @@ use crate::error::{EXIT_OSERR, Error};
 use crate::listen::Listener;
 use crate::udp::UdpSocket;
 
-/// Tell the service manager forkd is accepting (Type=notify).
+/// Tell the service manager forkd is accepting (Type=notify). Started by
+/// an upgrade (SIGUSR2, see [`crate::upgrade`]), tell the old forkd
+/// instead: it is still the service's main process, and hands that over.
 pub fn ready(status: &str) {
+    if let Some(Some(old)) = UPGRADE_NOTIFY.get() {
+        let pid = std::process::id();
+        let _ = send(old, format!("READY=1\nMAINPID={pid}\n").as_bytes());
+        return;
+    }
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// The upgrade is done: `pid` is the service's main process now.
+pub fn main_pid(pid: i32, status: &str) {
+    let pid = u32::try_from(pid).unwrap_or(0);
+    notify(&[NotifyState::MainPid(pid), NotifyState::Status(status)]);
+}
+
+/// The old forkd's socket, when this one was started by an upgrade.
+static UPGRADE_NOTIFY: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+/// Read and remove [`crate::upgrade::NOTIFY_VAR`] (at start, as the
+/// socket activation variables), so [`ready`] reports to the old forkd.
+pub fn take_upgrade_socket() {
+    let value = std::env::var_os(crate::upgrade::NOTIFY_VAR);
+    if value.is_some() {
+        // SAFETY: called at start-up, before forkd starts any thread or child.
+        unsafe { std::env::remove_var(crate::upgrade::NOTIFY_VAR) };
+    }
+    let _ = UPGRADE_NOTIFY.set(value);
 }
 
 /// Update the one-line status `systemctl status` shows.

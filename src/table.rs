@@ -25,6 +25,9 @@ pub struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
     pub start: Instant,
+    /// Not a client's: a balancer's health check (see [`crate::proxy::Via`]),
+    /// whose end is logged at debug level only.
+    pub quiet: bool,
     /// Order of assignment, to tell the older of two connections with one id.
     seq: u64,
 }
@@ -76,6 +79,7 @@ impl Table {
             id: 0,
             peer,
             start: Instant::now(),
+            quiet: false,
             seq: 0,
         });
         Some(slot as u32)
@@ -89,6 +93,11 @@ impl Table {
         c.id = id;
         c.seq = seq;
         self.ids.insert(id, slot);
+    }
+
+    /// Mark the connection in `slot` as a health check (see [`Conn::quiet`]).
+    pub fn set_quiet(&mut self, slot: u32) {
+        self.conn_mut(slot).quiet = true;
     }
 
     /// Give back a slot that was claimed but never assigned.

@@ -30,7 +30,6 @@ fn signals_without_a_meaning_are_ignored_and_logged() {
     let rtmin = libc::SIGRTMIN();
     let rtmax = libc::SIGRTMAX();
     let signals = [
-        (libc::SIGUSR2, "SIGUSR2"),
         (libc::SIGALRM, "SIGALRM"),
         (libc::SIGVTALRM, "SIGVTALRM"),
         (libc::SIGPROF, "SIGPROF"),

@@ -106,6 +106,19 @@ pub struct RateArgs {
     /// starts its next connection as soon as the last ends).
     #[arg(long, value_name = "R", value_parser = parse_pace)]
     pub pace: Option<f64>,
+
+    /// Begin each connection with a PROXY protocol header (as HAProxy's
+    /// send-proxy or send-proxy-v2 would), naming the connection's own
+    /// address as the client: for a forkd run with --proxy-protocol.
+    #[arg(long, value_name = "VERSION")]
+    pub proxy: Option<ProxyVersion>,
+}
+
+/// Which PROXY protocol header `rate --proxy` sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 #[derive(ClapArgs, Debug, Clone)]

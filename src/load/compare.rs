@@ -200,6 +200,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
                 timeout: a.timeout,
                 pid: Some(s.server.pid()),
                 pace: a.pace,
+                proxy: None,
             };
             let o = rate::run(&plan, &format!("rate {}", s.server.name()))?;
             match &mut s.rate {

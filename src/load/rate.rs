@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::cli::RateArgs;
+use super::cli::{ProxyVersion, RateArgs};
 use super::pattern;
 use super::proctree;
 use super::progress::Progress;
@@ -44,6 +44,8 @@ pub struct Plan {
     pub pid: Option<i32>,
     /// Open loop: connections a second in all (see `worker`).
     pub pace: Option<f64>,
+    /// Send a PROXY header first.
+    pub proxy: Option<ProxyVersion>,
 }
 
 /// What a rate run measured; runs against one server can be merged.
@@ -105,6 +107,7 @@ pub fn main(a: &RateArgs) -> Result<u8, Error> {
         timeout: a.common.timeout,
         pid: a.common.pid,
         pace: a.pace,
+        proxy: a.proxy,
     };
     let report = run(&plan, "rate")?.report(plan.addr);
     report.print(a.common.json);
@@ -190,7 +193,7 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
         let shift = n % SHIFTS;
         n += 1;
         let payload = &source[shift..shift + plan.size];
-        match one(plan.addr, payload, &mut buf, plan.timeout) {
+        match one_proxied(plan.addr, payload, &mut buf, plan.timeout, plan.proxy) {
             Ok(took) => {
                 r.conns += 1;
                 r.bytes += payload.len() as u64;
@@ -213,10 +216,39 @@ pub fn one(
     buf: &mut [u8],
     timeout: Duration,
 ) -> Result<Duration, Failure> {
+    one_proxied(addr, payload, buf, timeout, None)
+}
+
+/// As [`one`], the connection begun with a PROXY header if asked (before
+/// the payload, in the same write when the payload is sent inline).
+pub fn one_proxied(
+    addr: SocketAddr,
+    payload: &[u8],
+    buf: &mut [u8],
+    timeout: Duration,
+    proxy: Option<ProxyVersion>,
+) -> Result<Duration, Failure> {
     let t0 = Instant::now();
     // No TCP_NODELAY: the half-close after the payload pushes out its last
     // segment at once, so Nagle never holds it.
     let mut s = sys::connect(addr, timeout).map_err(|e| Failure::io("connect", &e))?;
+    if let Some(version) = proxy {
+        let client = s.local_addr().map_err(|e| Failure::io("getsockname", &e))?;
+        let header = match version {
+            ProxyVersion::V1 => crate::proxy::header_v1(client, addr),
+            ProxyVersion::V2 => crate::proxy::header_v2(client, addr),
+        };
+        if payload.len() <= INLINE_WRITE_MAX {
+            // One write, as a balancer's first segment often carries both:
+            // a header alone would wait for its ACK under Nagle.
+            let mut first = header;
+            first.extend_from_slice(payload);
+            send(&mut s, &first)?;
+            read_echo(&mut s, payload, buf)?;
+            return Ok(t0.elapsed());
+        }
+        s.write_all(&header).map_err(|e| Failure::io("write", &e))?;
+    }
     if payload.len() <= INLINE_WRITE_MAX {
         send(&mut s, payload)?;
         read_echo(&mut s, payload, buf)?;
