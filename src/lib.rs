@@ -61,9 +61,11 @@ pub mod load;
 pub mod logging;
 pub mod memory;
 pub mod model;
+pub mod prefork;
 pub mod privdrop;
 pub mod probe;
 pub mod reaper;
+pub mod scoreboard;
 pub mod server;
 pub mod signals;
 pub mod sources;
@@ -71,6 +73,7 @@ pub mod systemd;
 pub mod table;
 pub mod thread;
 pub mod title;
+pub mod worker;
 
 use std::process::ExitCode;
 

@@ -132,6 +132,9 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     }
     if a.floor {
         kinds.extend([Kind::FloorFork, Kind::FloorThread]);
+        if a.modes.contains(&crate::cli::Mode::Prefork) {
+            kinds.push(Kind::FloorPrefork);
+        }
     }
     if a.peers {
         kinds.extend([

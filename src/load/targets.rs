@@ -28,6 +28,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 const FLOOR_FORK_C: &str = include_str!("../../benches/floor_fork.c");
 const FLOOR_THREAD_C: &str = include_str!("../../benches/floor_thread.c");
+const FLOOR_PREFORK_C: &str = include_str!("../../benches/floor_prefork.c");
 const PY_ECHO: &str = include_str!("../../scripts/py_echo.py");
 
 /// A kind of server to measure.
@@ -36,6 +37,7 @@ pub enum Kind {
     Forkd(Mode),
     FloorFork,
     FloorThread,
+    FloorPrefork,
     PythonFork,
     PythonThread,
     Socat,
@@ -47,8 +49,10 @@ impl Kind {
         match self {
             Kind::Forkd(Mode::Fork) => "forkd-fork",
             Kind::Forkd(Mode::Thread) => "forkd-thread",
+            Kind::Forkd(Mode::Prefork) => "forkd-prefork",
             Kind::FloorFork => "floor-fork",
             Kind::FloorThread => "floor-thread",
+            Kind::FloorPrefork => "floor-prefork",
             Kind::PythonFork => "python-fork",
             Kind::PythonThread => "python-thread",
             Kind::Socat => "socat",
@@ -60,7 +64,7 @@ impl Kind {
     pub fn family(self) -> &'static str {
         match self {
             Kind::Forkd(_) => "forkd",
-            Kind::FloorFork | Kind::FloorThread => "floor",
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork => "floor",
             _ => "peer",
         }
     }
@@ -125,14 +129,22 @@ impl Launcher {
         Ok(path)
     }
 
+    /// The pool of forkd's prefork mode and of the prefork floor: forkd's
+    /// default for this machine, or the capacity if that is less.
+    pub fn workers(&self) -> usize {
+        crate::cli::default_workers().min(self.capacity)
+    }
+
     pub fn start(&self, kind: Kind) -> Result<Started, Error> {
         let cap = self.capacity.to_string();
         match kind {
             Kind::Forkd(mode) => {
-                let mode = if mode == Mode::Fork { "fork" } else { "thread" };
+                let mode = clap::ValueEnum::to_possible_value(&mode)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
                 let mut cmd = Command::new(&self.forkd);
                 cmd.args(["--print-addr", "-l", "127.0.0.1:0", "--log", "stderr", "-q"])
-                    .args(["--mode", mode, "--max-conns", &cap])
+                    .args(["--mode", &mode, "--max-conns", &cap])
                     // The load comes from one address, as no public client
                     // does: the per-source limits and early drop stay off.
                     .args([
@@ -143,12 +155,19 @@ impl Launcher {
                         "--early-drop",
                         "off",
                     ]);
+                if mode == "prefork" {
+                    // The same pool as the floor's.
+                    cmd.args(["--workers", &self.workers().to_string()]);
+                }
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
-            Kind::FloorFork | Kind::FloorThread => {
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork => {
                 let bin = self.build_floor(kind)?;
                 let mut cmd = Command::new(bin);
                 cmd.arg("0");
+                if kind == Kind::FloorPrefork {
+                    cmd.arg(self.workers().to_string());
+                }
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
             Kind::PythonFork | Kind::PythonThread => {
@@ -208,6 +227,7 @@ impl Launcher {
     fn build_floor(&self, kind: Kind) -> Result<PathBuf, Error> {
         let (stem, source, extra): (&str, &str, &[&str]) = match kind {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
+            Kind::FloorPrefork => ("floor_prefork", FLOOR_PREFORK_C, &[]),
             _ => ("floor_thread", FLOOR_THREAD_C, &["-pthread"]),
         };
         let src = self.out.join(format!("{stem}.c"));
