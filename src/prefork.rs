@@ -472,9 +472,14 @@ impl Pool {
         {
             return;
         }
+        let busy = self.busy();
+        let cap = if busy >= self.places.len() {
+            " (at cap)"
+        } else {
+            ""
+        };
         let line = format!(
-            "active {}/{}, served {}",
-            self.busy(),
+            "active {busy}/{}{cap}, served {}",
             self.places.len(),
             self.totals().served
         );
@@ -490,16 +495,37 @@ impl Pool {
             crate::cli::Wake::One => "one",
             crate::cli::Wake::All => "all",
         };
-        let accepted = t.woken.saturating_sub(t.empty).max(1);
+        // Wake-ups as the kernel counts them for the parent's own pids:
+        // each voluntary context switch is a sleep, so a wake-up (a herd
+        // wakes every idle worker per connection; see docs/prefork.md).
+        let (mut switches, mut served) = (0u64, 0u64);
+        for (i, p) in self.places.iter().enumerate() {
+            if let Some(pid) = p.pid {
+                switches += voluntary_switches(pid);
+                served += self.setup.board.report(i).served;
+            }
+        }
         format!(
-            "status: mode prefork (wake {wake}), active {}/{}, served {}, workers {}/{}, respawned {}, wake-ups {:.2} per accepted connection",
+            "status: mode prefork (wake {wake}), active {}/{}, served {}, workers {}/{}, respawned {}, {:.2} context switches per connection",
             self.busy(),
             self.places.len(),
             t.served,
             self.live(),
             self.places.len(),
             self.respawned,
-            t.woken as f64 / accepted as f64,
+            switches as f64 / served.max(1) as f64,
         )
     }
+}
+
+/// A process's voluntary context switches, from /proc/PID/status (0 if gone).
+fn voluntary_switches(pid: Pid) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

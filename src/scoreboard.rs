@@ -45,10 +45,6 @@ pub struct Record {
     ended: AtomicU64,
     /// Refused by --max-per-ip, --max-per-net, --early-drop.
     refused: [AtomicU64; 3],
-    /// Times the worker woke from its wait for a connection, and of those,
-    /// the times it found none to accept (another worker took it).
-    woken: AtomicU64,
-    empty: AtomicU64,
 }
 
 const BUSY: u32 = 1;
@@ -57,10 +53,21 @@ const BUSY: u32 = 1;
 /// in centuries at millions a second. Anything above is a corrupt record.
 const MOST: u64 = 1 << 50;
 
-/// The board: one record per worker place.
+/// The board: one record per worker place, and the log gates.
 #[derive(Clone, Copy)]
 pub struct Board {
     records: &'static [Record],
+    /// Per kind of line ([`Gate`]), the monotonic millisecond a worker last
+    /// logged one, so that the pool as a whole logs at most one a second.
+    gates: &'static [AtomicU64],
+}
+
+/// Lines the workers log at most once a second between them.
+#[derive(Clone, Copy, Debug)]
+pub enum Gate {
+    Refused = 0,
+    DroppedEarly = 1,
+    AcceptFailed = 2,
 }
 
 /// What a worker's record says, clamped: numbers for reports only.
@@ -71,8 +78,6 @@ pub struct Report {
     pub served: u64,
     pub ended: u64,
     pub refused: [u64; 3],
-    pub woken: u64,
-    pub empty: u64,
 }
 
 impl Report {
@@ -83,8 +88,6 @@ impl Report {
         for (a, b) in self.refused.iter_mut().zip(other.refused) {
             *a = a.saturating_add(b);
         }
-        self.woken = self.woken.saturating_add(other.woken);
-        self.empty = self.empty.saturating_add(other.empty);
     }
 }
 
@@ -93,9 +96,34 @@ impl Board {
     pub fn new(workers: usize) -> io::Result<Board> {
         // SAFETY: all-zero is a valid Record (atomics).
         let records = unsafe { crate::memory::shared::<Record>(workers)? };
+        // SAFETY: as above.
+        let gates = unsafe { crate::memory::shared::<AtomicU64>(3)? };
         Ok(Board {
             records: &records[..workers.max(1)],
+            gates: &gates[..3],
         })
+    }
+
+    /// May a worker log a line of this kind now? True for the first worker
+    /// to ask in each second. A gate set in the future (written by a hostile
+    /// worker) is taken as open, so it can silence nobody for long.
+    pub fn allow(&self, gate: Gate) -> bool {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into `t`. The monotonic
+        // clock is the same in every process, so workers can compare.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } != 0 {
+            return true;
+        }
+        let now = (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000;
+        let g = &self.gates[gate as usize];
+        let last = g.load(Ordering::Relaxed);
+        let open = now >= last.saturating_add(1000) || last > now.saturating_add(1000);
+        open && g
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     /// Place `i`'s record (a worker's own, by the number its parent gave it).
@@ -115,8 +143,6 @@ impl Board {
             served: n(&r.served),
             ended: n(&r.ended),
             refused: [n(&r.refused[0]), n(&r.refused[1]), n(&r.refused[2])],
-            woken: n(&r.woken),
-            empty: n(&r.empty),
         }
     }
 
@@ -125,9 +151,7 @@ impl Board {
     pub fn clear(&self, i: usize) {
         if let Some(r) = self.records.get(i) {
             r.state.store(0, Ordering::Relaxed);
-            for a in [
-                &r.addr, &r.net, &r.bytes, &r.served, &r.ended, &r.woken, &r.empty,
-            ] {
+            for a in [&r.addr, &r.net, &r.bytes, &r.served, &r.ended] {
                 a.store(0, Ordering::Relaxed);
             }
             for a in &r.refused {
@@ -242,8 +266,6 @@ impl Seat {
             Count::Refused(Refused::Address) => &r.refused[0],
             Count::Refused(Refused::Network) => &r.refused[1],
             Count::DroppedEarly => &r.refused[2],
-            Count::Woken => &r.woken,
-            Count::Empty => &r.empty,
         };
         a.fetch_add(1, Ordering::Relaxed);
     }
@@ -263,8 +285,6 @@ pub enum Count {
     Ended,
     Refused(Refused),
     DroppedEarly,
-    Woken,
-    Empty,
 }
 
 #[cfg(test)]
@@ -314,7 +334,7 @@ mod tests {
         // SAFETY: the records are plain atomics; any bytes are valid.
         unsafe { std::ptr::write_bytes(raw, 0xff, len) };
         let r = board.report(1);
-        assert!(!r.busy && r.served == MOST && r.woken == MOST);
+        assert!(!r.busy && r.served == MOST && r.bytes == MOST);
         // Limits may refuse; nothing breaks.
         let seat = Seat::new(board, 0);
         let _ = seat.admit(ip("10.0.0.1"), LIMITS, &keys);

@@ -137,13 +137,16 @@ fn prefork(
     let signals = signals::install(Children::ReapInHandler)
         .map_err(|e| Error::os("cannot install signal handlers", e))?;
     let mut pool = crate::prefork::Pool::new(setup, listeners, activated, signals, settings.grace)?;
-    pool.fill();
     let name = format!(
         "prefork, {} workers, wake {:?}",
         config.max_conns, config.wake
     )
     .to_lowercase();
+    // Announced first, so that no worker inherits the stdout --print-addr
+    // closes (its reader waits for the end of it); a client that comes in
+    // between waits in the backlog for the first worker.
     announce(&config, pool.listeners(), activated, &name, nofile);
+    pool.fill();
     let s = pool.run()?;
     let dropped = events::Dropped {
         log_lines: logging::dropped_lines(),

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{EarlyDrop, Wake};
 use crate::echo;
-use crate::events::{self, Throttle};
+use crate::events;
 use crate::model::{How, Terms};
-use crate::scoreboard::{Board, Count, Keys, Seat};
+use crate::scoreboard::{Board, Count, Gate, Keys, Seat};
 use crate::signals;
 use crate::sources::Limits;
 use crate::title::{self, TitleArea};
@@ -72,6 +72,32 @@ pub mod code {
             PANIC => "panicked",
             RECYCLED => "recycled after --max-conns-per-worker connections",
             _ => "unexpected exit",
+        }
+    }
+}
+
+/// A kind of line the pool logs at most once a second between its
+/// workers; each worker counts what it did not log, for its next line.
+struct Gated {
+    gate: Gate,
+    suppressed: u64,
+}
+
+impl Gated {
+    fn new(gate: Gate) -> Gated {
+        Gated {
+            gate,
+            suppressed: 0,
+        }
+    }
+
+    /// Some(lines this worker suppressed since its last) if it may log now.
+    fn allow(&mut self, board: Board) -> Option<u64> {
+        if board.allow(self.gate) {
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
         }
     }
 }
@@ -140,13 +166,13 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     }
     // SAFETY: the capacity is `buffer`, and MaybeUninit needs no initialisation.
     unsafe { buf.set_len(setup.buffer) };
-    let mut refused_log = Throttle::default();
-    let mut dropped_log = Throttle::default();
-    let mut accept_log = Throttle::default();
+    let mut refused_log = Gated::new(Gate::Refused);
+    let mut dropped_log = Gated::new(Gate::DroppedEarly);
+    let mut accept_log = Gated::new(Gate::AcceptFailed);
     let mut coin = seed();
     let mut served = 0u64;
     loop {
-        let Some((conn, peer)) = next_connection(setup, &epoll, &seat, &mut accept_log) else {
+        let Some((conn, peer)) = next_connection(setup, &epoll, &mut accept_log) else {
             exit(code::STOPPED);
         };
         let busy = match seat.admit(peer.ip(), setup.limits, &setup.keys) {
@@ -154,7 +180,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
             Err(why) => {
                 drop(conn);
                 seat.count(Count::Refused(why));
-                if let Some(k) = refused_log.allow(Instant::now()) {
+                if let Some(k) = refused_log.allow(setup.board) {
                     events::refused(peer, why, setup.limits, k);
                 }
                 continue;
@@ -169,7 +195,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
                 drop(conn);
                 seat.release();
                 seat.count(Count::DroppedEarly);
-                if let Some(k) = dropped_log.allow(Instant::now()) {
+                if let Some(k) = dropped_log.allow(setup.board) {
                     events::dropped_early(peer, busy - 1, setup.pool, k);
                 }
                 continue;
@@ -244,8 +270,7 @@ fn raw(fd: &OwnedFd) -> RawFd {
 fn next_connection(
     setup: &Setup,
     epoll: &OwnedFd,
-    seat: &Seat,
-    accept_log: &mut Throttle,
+    accept_log: &mut Gated,
 ) -> Option<(OwnedFd, SocketAddr)> {
     const ROOM: usize = 8;
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; ROOM];
@@ -258,7 +283,6 @@ fn next_connection(
             }
             return None;
         }
-        seat.count(Count::Woken);
         let ready = &events[..n as usize];
         if ready.iter().any(|e| e.u64 == 0) {
             return None;
@@ -273,7 +297,7 @@ fn next_connection(
                 // The parent shut the listener down: the pool drains.
                 Err(libc::EINVAL) => return None,
                 Err(e) => {
-                    if let Some(k) = accept_log.allow(Instant::now()) {
+                    if let Some(k) = accept_log.allow(setup.board) {
                         events::accept_short(
                             &listener_name(l),
                             nix::errno::Errno::from_raw(e).desc(),
@@ -285,7 +309,6 @@ fn next_connection(
                 }
             }
         }
-        seat.count(Count::Empty);
     }
 }
 
