@@ -433,3 +433,40 @@ fn one_connection_wakes_one_worker_not_the_pool() {
     assert!(all > one + 3.0, "--wake all: {all:.2}, one: {one:.2}");
     assert!(status_one.contains("(wake one)"), "{status_one}");
 }
+
+/// `scripts/zombie-lab.sh prefork`: the pool on show, a worker killed and
+/// replaced, the drain.
+#[test]
+fn zombie_lab_kills_a_worker_and_the_pool_replaces_it() {
+    let lab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zombie-lab.sh");
+    let mut cmd = Command::new(&lab);
+    cmd.arg("prefork")
+        .env("FORKD", FORKD)
+        .env("LAB_TIMEOUT", "60");
+    let run = run_with_deadline(cmd, Duration::from_secs(90));
+    let out = format!("{}{}", run.stdout, run.stderr);
+    assert!(run.status.success(), "{:?}\n{out}", run.status);
+    for needed in [
+        "forkd: worker 1 conn 127.0.0.1:",
+        " idle",
+        "killed by SIGKILL after ",
+        "replacing it",
+        "stopped: 1 connection served, 1 ended (0 by signal)",
+        "Done.",
+    ] {
+        assert!(
+            out.contains(needed),
+            "the lab's output lacks {needed:?}:\n{out}"
+        );
+    }
+    // Three workers again after the kill, none of them the one killed.
+    let killed = out
+        .split("kill -KILL ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the lab names the worker it kills");
+    let after = out.split("2. A worker is killed").nth(1).unwrap();
+    let listing = after.split("The parent reaped it").next().unwrap();
+    assert_eq!(listing.matches("forkd-worker").count(), 3, "{listing}");
+    assert!(!listing.contains(&format!(" {killed} ")), "{listing}");
+}
