@@ -10,7 +10,7 @@
 //!   signal and replaced. One that served its `--max-conns-per-worker`
 //!   (exit [`code::RECYCLED`]) is replaced at once; one that dies within
 //!   [`QUICK`] of its start is replaced after a delay that doubles with each
-//!   such death in a row in its place (100 ms up to [`MOST_DELAY`]), so a
+//!   such death in a row in its place (100 ms up to `MOST_DELAY`, 30 s), so a
 //!   worker that dies at once cannot make the parent fork without end;
 //! - **drain** on SIGTERM/SIGINT: close the stop pipe (idle workers exit at
 //!   once, busy ones when their connection ends), stop listening (new
@@ -21,7 +21,7 @@
 //! - **nothing else**: no per-connection work at all.
 //!
 //! The rule of [`crate::memory`] holds here as in fork mode: every pid the
-//! parent signals comes from its own records ([`Place`], ordinary private
+//! parent signals comes from its own records (`Place`, ordinary private
 //! memory a worker only ever has a copy of), checked against its own pool,
 //! with SIGCHLD blocked from the last reap to the last `kill`. What workers
 //! write (the [`crate::scoreboard`]) is read for reports only, clamped.
