@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # zombie-lab: watch forkd's connection processes end, linger as zombies, and
-# get reaped, in each of the three --reap modes (handler, lazy, off).
+# get reaped, in each of the three --reap modes (handler, lazy, off); then a
+# prefork pool (mode prefork) whose worker is killed and replaced.
 #
 # For each mode the lab starts forkd on a free port of 127.0.0.1, opens three
 # connections, closes them, opens one more, and shows the process tree after
@@ -12,13 +13,13 @@
 # at an [Enter to go on] prompt, so reading takes as long as the reader likes,
 # nor during the build of forkd, whose progress cargo shows.
 #
-# Usage: scripts/zombie-lab.sh [MODE...]     (default: handler lazy off)
+# Usage: scripts/zombie-lab.sh [MODE...]     (default: handler lazy off prefork)
 # Environment: FORKD=/path/to/forkd to skip the build; LAB_TIMEOUT=seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(handler lazy off)
+[ ${#modes[@]} -gt 0 ] || modes=(handler lazy off prefork)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/zombie-lab.XXXXXX")
 forkd_pid=""
@@ -237,10 +238,71 @@ run_mode() {
     pause
 }
 
+# The pool's workers, one pid a line.
+workers() { ps -o pid= --ppid "$forkd_pid" | tr -d ' '; }
+
+run_prefork() {
+    local line victim new
+    : >"$work/addr"
+    : >"$work/log"
+    say "=== --mode prefork ==="
+    note "A pool of worker processes forked at start, each serving one connection at a" \
+        "time (Apache's prefork). The parent never touches a connection: it keeps the pool."
+    "$forkd" --mode prefork --workers 3 -l 127.0.0.1:0 --print-addr --log stderr -v \
+        >"$work/addr" 2>"$work/log" &
+    forkd_pid=$!
+    for _ in $(seq 100); do
+        [ -s "$work/addr" ] && break
+        sleep 0.1
+    done
+    line=$(head -1 "$work/addr")
+    port=${line##*:}
+    [ -n "$port" ] || { echo "zombie-lab: forkd did not start:" >&2; cat "$work/log" >&2; exit 1; }
+    for _ in $(seq 50); do [ "$(workers | wc -l)" -ge 3 ] && break; sleep 0.1; done
+    echo "\$ $forkd --mode prefork --workers 3 -l 127.0.0.1:0 --print-addr --log stderr -v &"
+    note "pid $forkd_pid, listening on port $port"
+
+    say "1. The pool, idle, and one client connected"
+    open_conn 1
+    sleep 0.2
+    show
+    note "Three workers (comm forkd-worker) forked before any client came; one of them" \
+        "holds the client ('forkd: worker N conn PEER'), the others wait ('idle')."
+    pause
+
+    say "2. A worker is killed (SIGKILL) and replaced"
+    victim=$(ps -o pid=,args= --ppid "$forkd_pid" | awk '/idle/ { print $1; exit }')
+    note "kill -KILL $victim"
+    kill -KILL "$victim"
+    for _ in $(seq 50); do
+        new=$(workers | grep -vx "$victim" | wc -l)
+        [ "$new" -ge 3 ] && break
+        sleep 0.1
+    done
+    show
+    note "The parent reaped it (no zombie), logged how it died, and forked a new worker" \
+        "into its place; a worker that dies within a second of its start is replaced" \
+        "after a delay that doubles each time, so a crashing worker cannot fork-bomb:"
+    grep -E "worker [0-9]+ pid" "$work/log" | sed -E 's/^[^ ]+ /    /'
+    pause
+
+    say "3. Stop: SIGTERM"
+    note "The pool drains: idle workers leave at once, busy ones when their client is done."
+    local seen
+    seen=$(wc -l <"$work/log")
+    close_all
+    kill -TERM "$forkd_pid"
+    wait "$forkd_pid" || true
+    forkd_pid=""
+    tail -n +"$((seen + 1))" "$work/log" | sed -E 's/^[^ ]+ /    /'
+    pause
+}
+
 for mode in "${modes[@]}"; do
     case $mode in
     handler | lazy | off) run_mode "$mode" ;;
-    *) echo "zombie-lab: unknown mode '$mode' (handler, lazy or off)" >&2; exit 64 ;;
+    prefork) run_prefork ;;
+    *) echo "zombie-lab: unknown mode '$mode' (handler, lazy, off or prefork)" >&2; exit 64 ;;
     esac
 done
 say "Done."

@@ -27,6 +27,8 @@ pub enum Mode {
     Fork,
     /// One thread per connection inside the dispatcher process.
     Thread,
+    /// A pool of worker processes forked at start, each serving one connection at a time.
+    Prefork,
 }
 
 /// When the fork-mode dispatcher collects its finished children.
@@ -38,6 +40,15 @@ pub enum ReapMode {
     Lazy,
     /// Never (until forkd exits): zombies pile up, and count against --max-conns.
     Off,
+}
+
+/// How a prefork worker waits for a connection (see `crate::worker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Wake {
+    /// Each listener wakes one idle worker per connection (EPOLLEXCLUSIVE).
+    One,
+    /// Each listener wakes every idle worker, and all but one find nothing: the thundering herd.
+    All,
 }
 
 /// Where log lines go.
@@ -119,6 +130,18 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long connections may finish before they are ended.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// Prefork mode: worker processes in the pool (default: 8 per CPU, at most --max-conns).
+    #[arg(long, value_name = "N", value_parser = parse_conns)]
+    pub workers: Option<usize>,
+
+    /// Prefork mode: a worker exits and is replaced after this many connections (0: never).
+    #[arg(long = "max-conns-per-worker", value_name = "N", default_value_t = 0)]
+    pub max_conns_per_worker: u64,
+
+    /// Prefork mode: wake one idle worker per new connection (EPOLLEXCLUSIVE), or every idle worker (the thundering herd, to watch).
+    #[arg(long, value_enum, default_value_t = Wake::One)]
+    pub wake: Wake,
 
     /// Stack size of each connection thread (thread mode).
     #[arg(long = "thread-stack", value_name = "SIZE", default_value = "64KiB", value_parser = parse_stack)]
@@ -249,6 +272,19 @@ impl Config {
         if self.proxy_protocol && self.inetd {
             return Err(Error::usage("--proxy-protocol cannot be used with --inetd"));
         }
+        if self.proxy_protocol && self.mode == Mode::Prefork {
+            return Err(Error::usage(
+                "--proxy-protocol is not served in prefork mode yet: use --mode fork or thread",
+            ));
+        }
+        if let Some(n) = self.workers
+            && n > self.max_conns
+        {
+            return Err(Error::usage(format!(
+                "--workers {n} is more than --max-conns {}: a worker serves one connection at a time, so the pool is the cap",
+                self.max_conns
+            )));
+        }
         Ok(self)
     }
 
@@ -289,6 +325,14 @@ impl Config {
         }
     }
 
+    /// Prefork mode: the pool's size, `--workers` or [`default_workers`]
+    /// (never more than `--max-conns`).
+    pub fn pool(&self) -> usize {
+        self.workers
+            .unwrap_or_else(default_workers)
+            .min(self.max_conns)
+    }
+
     /// The per-source limits.
     pub fn sources(&self) -> crate::sources::Limits {
         crate::sources::Limits {
@@ -315,6 +359,25 @@ impl Config {
 pub enum EarlyDrop {
     Off,
     Between { start: u8, rate: u8, full: u8 },
+}
+
+impl EarlyDrop {
+    /// The chance, per mille, that a new connection is refused with
+    /// `active` of `max` connections busy: RATE at START, rising linearly to
+    /// 1000 at FULL; 0 below START (never below one connection: a cap of 1
+    /// is never "nearly full" empty).
+    pub fn chance(self, active: usize, max: usize) -> usize {
+        let EarlyDrop::Between { start, rate, full } = self else {
+            return 0;
+        };
+        let percent = |p: u8| (max * p as usize / 100).max(1);
+        let (start, full) = (percent(start), percent(full));
+        if active < start || full <= start {
+            return 0;
+        }
+        let rate = rate as usize * 10;
+        rate + (1000 - rate) * (active - start).min(full - start) / (full - start)
+    }
 }
 
 fn parse_early_drop(s: &str) -> Result<EarlyDrop, String> {
@@ -357,6 +420,15 @@ fn parse_prefixes(s: &str) -> Result<(u8, u8), String> {
         return Err(bad());
     }
     Ok((v4, v6))
+}
+
+/// The default pool of prefork mode: 8 workers per CPU this process may
+/// run on. A worker spends most of a connection waiting for its client, so a
+/// pool the size of the CPU count would leave the CPUs idle; 8 per CPU keeps
+/// them busy under a short-connection load (measured: see docs/prefork.md)
+/// while a pool stays a few MiB.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 8
 }
 
 /// The largest `--buffer`: far above any useful echo buffer, far below what

@@ -588,19 +588,11 @@ impl<M: Model> Dispatcher<M> {
 
     /// Nearly full (`--early-drop`): refuse this one at random?
     fn drop_early(&mut self) -> bool {
-        let EarlyDrop::Between { start, rate, full } = self.settings.early_drop else {
-            return false;
-        };
-        // Never below one connection: a cap of 1 is never "nearly full" empty.
-        let percent = |p: u8| (self.settings.max_conns * p as usize / 100).max(1);
-        let (start, full) = (percent(start), percent(full));
-        let active = self.books.table.active();
-        if active < start || full <= start {
+        let chance =
+            (self.settings.early_drop).chance(self.books.table.active(), self.settings.max_conns);
+        if chance == 0 {
             return false;
         }
-        // RATE at START, rising linearly to 100 at FULL (per mille).
-        let rate = rate as usize * 10;
-        let chance = rate + (1000 - rate) * (active - start).min(full - start) / (full - start);
         self.coin ^= self.coin << 13;
         self.coin ^= self.coin >> 7;
         self.coin ^= self.coin << 17;

@@ -207,6 +207,62 @@ pub fn ignored(name: &str) {
     info!("ignored {name}: forkd gives it no meaning");
 }
 
+/// Prefork: worker `n` started (or was replaced) as `pid`.
+pub fn worker_started(n: usize, pid: i32) {
+    debug!("worker {n} started: pid {pid}");
+}
+
+/// Prefork: worker `n` cannot be forked; its place is tried again after `retry`.
+pub fn worker_fork_failed(n: usize, why: &str, retry: Duration, suppressed: u64) {
+    warn!(
+        "cannot start worker {n}: {why} - trying again in {}ms{}",
+        retry.as_millis(),
+        more(suppressed)
+    );
+}
+
+/// Prefork: worker `n` (`pid`) ended `how` after `lived`. `normal`: a
+/// recycle or a stop, logged at info; `killed_serving`: it was killed
+/// holding a connection, which had this many bytes echoed; `replaced`: when
+/// its replacement starts (None: the pool is draining).
+pub fn worker_ended(
+    n: usize,
+    pid: i32,
+    how: &str,
+    normal: bool,
+    killed_serving: Option<u64>,
+    lived: Duration,
+    replaced: Option<Duration>,
+) {
+    let level = match (normal, replaced) {
+        // A worker the drain stopped: the summary says it.
+        (true, None) => log::Level::Debug,
+        (true, Some(_)) => log::Level::Info,
+        (false, _) => log::Level::Warn,
+    };
+    let serving = match killed_serving {
+        Some(bytes) => format!(
+            " while serving a connection ({} echoed, as it reported)",
+            count(bytes, "byte")
+        ),
+        None => String::new(),
+    };
+    let next = match replaced {
+        None => String::new(),
+        Some(d) if d.is_zero() => "; replacing it".to_string(),
+        Some(d) => format!(
+            "; it died within {} of its start: replacing it in {}",
+            humantime::format_duration(crate::prefork::QUICK),
+            humantime::format_duration(d)
+        ),
+    };
+    log::log!(
+        level,
+        "worker {n} pid {pid}: {how} after {:.3}s{serving}{next}",
+        lived.as_secs_f64()
+    );
+}
+
 /// What was dropped rather than let block the service, for the last line.
 pub struct Dropped {
     pub log_lines: u64,

@@ -15,6 +15,10 @@
 //! - [`fork`]: fork mode, the dispatcher's side (fork, close, record).
 //! - [`child`]: fork mode, the child's side (hygiene, title, echo, `_exit`).
 //! - [`thread`]: thread mode, one thread per connection.
+//! - [`prefork`]: prefork mode, the parent keeping its pool of workers.
+//! - [`worker`]: prefork mode, a worker (its wait, limits, echo, end lines).
+//! - [`scoreboard`]: what prefork workers share (untrusted; reports and
+//!   per-source limits only).
 //! - [`echo`]: the echo handler every model calls.
 //! - [`exit_code`]: what a connection process's exit code means.
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
@@ -40,8 +44,10 @@
 //! - [`error`]: start-up errors and the documented exit codes.
 //! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
-//! A new model (a prefork pool, an event loop) is one new file implementing
-//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`].
+//! A new model (an event loop) is one new file implementing
+//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`]. Prefork
+//! is the exception: its parent never accepts, so it has its own loop
+//! ([`prefork`]) rather than the dispatcher's.
 //!
 //! The fork path, in the order it runs: [`dispatcher`] accepts and calls
 //! [`fork::ForkModel`]'s `start`, which forks; the child runs
@@ -67,10 +73,12 @@ pub mod load;
 pub mod logging;
 pub mod memory;
 pub mod model;
+pub mod prefork;
 pub mod privdrop;
 pub mod probe;
 pub mod proxy;
 pub mod reaper;
+pub mod scoreboard;
 pub mod server;
 pub mod signals;
 pub mod sources;
@@ -80,6 +88,7 @@ pub mod thread;
 pub mod title;
 pub mod udp;
 pub mod upgrade;
+pub mod worker;
 
 use std::process::ExitCode;
 

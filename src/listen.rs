@@ -98,27 +98,39 @@ impl Listener {
     /// One `accept4` call, which also returns the peer's address (no
     /// separate `getpeername`). `EAGAIN` means nothing is waiting.
     pub fn accept(&self) -> nix::Result<(OwnedFd, SocketAddr)> {
-        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
-        let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-        let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: the pointers refer to `storage` and `len`, which outlive the call,
-        // and `len` holds the size of `storage`.
-        let fd = unsafe {
-            libc::accept4(
-                self.fd.as_raw_fd(),
-                (&raw mut storage).cast(),
-                &mut len,
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(nix::errno::Errno::last());
-        }
-        // SAFETY: accept4 returned a new descriptor that nothing else owns.
-        let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-        let peer = to_socket_addr(&storage, len).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-        Ok((conn, peer))
+        accept_on(self.fd.as_fd())
     }
+
+    /// Stop listening, for every process that holds this socket (prefork
+    /// workers do): new clients are refused, those not yet accepted are
+    /// reset, and a worker waiting in accept wakes with EINVAL.
+    pub fn stop_listening(&self) {
+        let _ = socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Read);
+    }
+}
+
+/// [`Listener::accept`] on any listening socket (a prefork worker's copy).
+pub fn accept_on(listener: BorrowedFd<'_>) -> nix::Result<(OwnedFd, SocketAddr)> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the pointers refer to `storage` and `len`, which outlive the call,
+    // and `len` holds the size of `storage`.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&raw mut storage).cast(),
+            &mut len,
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let peer = to_socket_addr(&storage, len).unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
+    Ok((conn, peer))
 }
 
 impl Listener {

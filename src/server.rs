@@ -111,6 +111,14 @@ pub fn run(config: Config) -> Result<u8, Error> {
             };
             serve(&config, model, Children::None, bound, settings, nofile)
         }
+        Mode::Prefork => {
+            let bound = Bound {
+                listeners,
+                udp,
+                activated,
+            };
+            prefork(config, bound, settings, nofile)
+        }
     }
 }
 
@@ -121,6 +129,80 @@ pub struct Bound {
     pub udp: Udp,
     /// Passed by socket activation rather than bound here.
     pub activated: bool,
+}
+
+/// Prefork mode: fork the pool, announce, keep the pool until stopped.
+fn prefork(
+    mut config: Config,
+    bound: Bound,
+    settings: Settings,
+    nofile: nix::Result<u64>,
+) -> Result<u8, Error> {
+    if !bound.udp.is_empty() {
+        return Err(Error::usage(
+            "--udp is not served in prefork mode yet: use --mode fork or thread for UDP",
+        ));
+    }
+    let Bound {
+        listeners,
+        activated,
+        ..
+    } = bound;
+    // A worker serves one connection at a time: the pool is the cap.
+    let pool = config.pool();
+    config.max_conns = pool;
+    // Room in the ring for every worker's exit, plus margin.
+    reaper::init(pool + 64).map_err(|e| Error::os("cannot map the reaper's ring", e))?;
+    let parent = nix::unistd::getpid();
+    child::exit_on_panic_in_children(parent);
+    let oom = ChildSetup::new(false, parent, None, None, None).oom;
+    let setup = crate::worker::Setup {
+        listeners: Vec::new(),
+        stop: -1,
+        board: crate::scoreboard::Board::new(pool)
+            .map_err(|e| Error::os("cannot map the scoreboard", e))?,
+        keys: crate::scoreboard::Keys::default(),
+        limits: settings.sources,
+        early_drop: settings.early_drop,
+        pool,
+        max_conns_per_worker: config.max_conns_per_worker,
+        wake: config.wake,
+        buffer: config.buffer,
+        title: title::TitleArea::capture(),
+        oom,
+        first_byte: config.first_byte(),
+        idle: config.idle(),
+        die_with_parent: config.die_with_parent,
+        parent,
+    };
+    let signals = signals::install(Children::ReapInHandler)
+        .map_err(|e| Error::os("cannot install signal handlers", e))?;
+    let mut pool = crate::prefork::Pool::new(setup, listeners, activated, signals, settings.grace)?;
+    let name = format!(
+        "prefork, {} workers, wake {:?}",
+        config.max_conns, config.wake
+    )
+    .to_lowercase();
+    // Announced first, so that no worker inherits the stdout --print-addr
+    // closes (its reader waits for the end of it); a client that comes in
+    // between waits in the backlog for the first worker.
+    announce(&config, (pool.listeners(), &[]), activated, &name, nofile);
+    pool.fill();
+    let s = pool.run()?;
+    let dropped = events::Dropped {
+        log_lines: logging::dropped_lines(),
+        notifications: systemd::dropped_notifications(),
+    };
+    let r = [s.refused.per_ip, s.refused.per_net, s.refused.early];
+    events::stopped(
+        &crate::worker::TERMS,
+        s.served,
+        s.ended,
+        s.forced,
+        r,
+        dropped,
+    );
+    Ok(EXIT_OK)
 }
 
 /// Install the signal handlers, announce readiness, run the dispatcher
@@ -144,6 +226,7 @@ fn serve<M: Model>(
     let name = match config.mode {
         Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
         Mode::Thread => "thread".to_string(),
+        Mode::Prefork => "prefork".to_string(),
     };
     let udp_names: Vec<(String, SocketAddr)> = udp
         .sockets()

@@ -81,15 +81,7 @@ impl Sources {
 
     /// The address and network keys of `ip`.
     fn keys(&self, ip: IpAddr) -> [(u8, u128, u32); 2] {
-        let (v6, prefix) = match ip {
-            IpAddr::V4(v4) => (v4.to_ipv6_mapped(), 96 + self.limits.v4_prefix as u32),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => (v4.to_ipv6_mapped(), 96 + self.limits.v4_prefix as u32),
-                None => (v6, self.limits.v6_prefix as u32),
-            },
-        };
-        let addr = u128::from(v6);
-        let net = addr & u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+        let (addr, net) = keys(ip, self.limits);
         [
             (ADDRESS, addr, self.limits.per_ip),
             (NETWORK, net, self.limits.per_net),
@@ -148,6 +140,24 @@ impl Sources {
             }
         }
     }
+}
+
+/// The keys `ip` is counted under: its address and its network, as
+/// IPv6 (IPv4 mapped), the network cut to `limits`' prefix. (Prefork mode
+/// counts these across workers: see [`crate::scoreboard`].)
+pub fn keys(ip: IpAddr, limits: Limits) -> (u128, u128) {
+    let (v6, prefix) = match ip {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped(), 96 + limits.v4_prefix as u32),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (v4.to_ipv6_mapped(), 96 + limits.v4_prefix as u32),
+            None => (v6, limits.v6_prefix as u32),
+        },
+    };
+    let addr = u128::from(v6);
+    (
+        addr,
+        addr & u128::MAX.checked_shl(128 - prefix).unwrap_or(0),
+    )
 }
 
 /// The network `ip` belongs to, as `--max-per-net` counts it, for log lines.

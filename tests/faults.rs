@@ -69,7 +69,8 @@ fn lines_with(log: &str, needle: &str) -> usize {
 
 #[test]
 fn per_ip_limit_refuses_extra_connections_and_releases_on_every_end() {
-    for mode in ["fork", "thread"] {
+    // Prefork counts across its workers, on the scoreboard.
+    for mode in ["fork", "thread", "prefork"] {
         let f = Forkd::start(&["--mode", mode, "--max-per-ip", "2"]);
         let mut a = connect(f.addr());
         let mut b = connect(f.addr());
@@ -208,6 +209,11 @@ fn idle_timeout_thread() {
 }
 
 #[test]
+fn idle_timeout_prefork() {
+    idle_timeout_ends_silent_and_non_reading_clients("prefork");
+}
+
+#[test]
 fn fork_failure_backs_off_without_spinning_and_recovers() {
     // Root is exempt from RLIMIT_NPROC, so run forkd as an unprivileged uid
     // of its own, allowed 3 processes: the dispatcher and two children.
@@ -329,7 +335,7 @@ fn emfile_in_thread_mode_backs_off_and_recovers() {
 
 #[test]
 fn sigterm_under_load_never_truncates_an_accepted_reply() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "prefork"] {
         let mut f = Forkd::start(&["--mode", mode, "--grace", "20s"]);
         let addr = f.addr();
         let stop = Arc::new(AtomicBool::new(false));

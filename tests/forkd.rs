@@ -609,13 +609,14 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(&["--grace", "soon"], 64, "soon");
     check_error(&["--buffer", "0"], 64, "--buffer");
     check_error(&["--buffer", "1TiB"], 64, "--buffer");
-    check_error(&["--mode", "prefork"], 64, "prefork");
+    check_error(&["--mode", "forks"], 64, "forks");
     // The line names the argument and what it may be.
     check_error(
-        &["--mode", "prefork"],
+        &["--mode", "forks"],
         64,
-        "'--mode <MODE>' [possible values: fork, thread]",
+        "'--mode <MODE>' [possible values: fork, thread, prefork",
     );
+    check_error(&["--mode", "prefork", "--workers", "0"], 64, "--workers");
     check_error(&["--reap"], 64, "'--reap <REAP>'");
     check_error(&["--reap"], 64, "[possible values: handler, lazy, off]");
     check_error(

@@ -135,6 +135,72 @@ fn a_compromised_child_cannot_harm_the_dispatcher() {
     }
     compromised_child(&[], false);
     compromised_child(&["--reap", "lazy"], true);
+    compromised_worker();
+}
+
+/// Prefork: a worker overwrites everything it shares (the scoreboard: every
+/// worker's state, per-source keys and counts, and the log gates) with the
+/// decoy's pid; the parent reads it only for reports, and signals only its
+/// own records' pids.
+fn compromised_worker() {
+    let mut decoy = Command::new("sleep")
+        .arg("120")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn the decoy");
+    let decoy_pid = decoy.id() as i32;
+    // Per-source limits on: the garbage lands in their counts too.
+    let mut f = Forkd::start(&[
+        "--mode",
+        "prefork",
+        "--workers",
+        "4",
+        "--grace",
+        "1s",
+        "--max-per-ip",
+        "32",
+        "--max-per-net",
+        "128",
+    ]);
+    let mut hostile = connect(f.addr());
+    ping(&mut hostile, b"the connection an attacker controls\n");
+    f.check(
+        wait_until(LONG, || f.live_children().len() == 4),
+        "expected four workers",
+    );
+    let want = format!("conn {}", hostile.local_addr().unwrap());
+    let kid = *f
+        .live_children()
+        .iter()
+        .find(|&&p| cmdline(p).unwrap_or_default().ends_with(&want))
+        .expect("the hostile connection's worker");
+    let written = trample(kid, decoy_pid);
+    f.check(written > 0, "the worker has no writable shared mapping");
+    for i in 0..20u64 {
+        let data = pattern(4096 + i as usize * 777, i);
+        f.check(
+            roundtrip(f.addr(), &data) == data,
+            &format!("client {i} not echoed unchanged"),
+        );
+    }
+    // Status, and STATUS-like reports, read the garbage without harm.
+    f.signal(libc::SIGUSR1);
+    f.check(f.wait_log("status: mode prefork", LONG), "no status line");
+    ping(&mut hostile, b"still here\n");
+    f.signal(libc::SIGTERM);
+    f.expect_clean_exit(LONG);
+    f.check(f.log().contains("stopped: "), "no summary");
+    let mut buf = [0u8; 1];
+    f.check(
+        matches!(hostile.read(&mut buf), Ok(0) | Err(_)),
+        "the compromised worker outlived the stop",
+    );
+    f.check(
+        decoy.try_wait().unwrap().is_none(),
+        "forkd signalled the decoy, a process it did not start",
+    );
+    let _ = decoy.kill();
+    let _ = decoy.wait();
 }
 
 #[test]

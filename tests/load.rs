@@ -524,8 +524,8 @@ fn bad_arguments_are_one_line_usage_errors() {
             "'nap' for '--workloads <WORKLOADS>' [possible values: rate, stream, hold, udp]",
         ),
         (
-            &["compare", "--out", "x", "--modes", "fork,prefork"],
-            "[possible values: fork, thread]",
+            &["compare", "--out", "x", "--modes", "fork,forks"],
+            "'forks' for '--modes <MODES>' [possible values: fork, thread",
         ),
         (&["rate"], "not provided: --addr <ADDR>"),
         (

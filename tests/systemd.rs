@@ -297,6 +297,13 @@ fn socket_activation_fork_ipv4_and_ipv6_named() {
 }
 
 #[test]
+fn socket_activation_prefork_ipv4_and_ipv6_named() {
+    let hosts = both_families();
+    let names = ["echo4", "echo6"][..hosts.len()].join(":");
+    activated("prefork", &hosts, Some(&names));
+}
+
+#[test]
 fn socket_activation_thread_ipv4_and_ipv6_named() {
     let hosts = both_families();
     let names = ["echo4", "echo6"][..hosts.len()].join(":");
@@ -474,6 +481,12 @@ fn notifications(mode: &str) {
 #[test]
 fn notify_ready_status_stopping_fork() {
     notifications("fork");
+}
+
+#[test]
+fn notify_ready_status_stopping_prefork() {
+    // --max-conns 2 makes a pool of 2: the pool is the cap.
+    notifications("prefork");
 }
 
 #[test]

@@ -136,6 +136,9 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     }
     if a.floor {
         kinds.extend([Kind::FloorFork, Kind::FloorThread]);
+        if a.modes.contains(&crate::cli::Mode::Prefork) {
+            kinds.push(Kind::FloorPrefork);
+        }
         if a.workloads.contains(&Workload::Udp) {
             kinds.push(Kind::FloorUdp);
         }

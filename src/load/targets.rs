@@ -29,6 +29,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const FLOOR_FORK_C: &str = include_str!("../../benches/floor_fork.c");
 const FLOOR_THREAD_C: &str = include_str!("../../benches/floor_thread.c");
 const FLOOR_UDP_C: &str = include_str!("../../benches/floor_udp.c");
+const FLOOR_PREFORK_C: &str = include_str!("../../benches/floor_prefork.c");
 const PY_ECHO: &str = include_str!("../../scripts/py_echo.py");
 
 /// A kind of server to measure.
@@ -39,6 +40,7 @@ pub enum Kind {
     FloorThread,
     /// UDP only: a blocking receive-and-send loop.
     FloorUdp,
+    FloorPrefork,
     PythonFork,
     PythonThread,
     Socat,
@@ -50,9 +52,11 @@ impl Kind {
         match self {
             Kind::Forkd(Mode::Fork) => "forkd-fork",
             Kind::Forkd(Mode::Thread) => "forkd-thread",
+            Kind::Forkd(Mode::Prefork) => "forkd-prefork",
             Kind::FloorFork => "floor-fork",
             Kind::FloorThread => "floor-thread",
             Kind::FloorUdp => "floor-udp",
+            Kind::FloorPrefork => "floor-prefork",
             Kind::PythonFork => "python-fork",
             Kind::PythonThread => "python-thread",
             Kind::Socat => "socat",
@@ -64,7 +68,7 @@ impl Kind {
     pub fn family(self) -> &'static str {
         match self {
             Kind::Forkd(_) => "forkd",
-            Kind::FloorFork | Kind::FloorThread | Kind::FloorUdp => "floor",
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork | Kind::FloorUdp => "floor",
             _ => "peer",
         }
     }
@@ -137,15 +141,23 @@ impl Launcher {
         Ok(path)
     }
 
+    /// The pool of forkd's prefork mode and of the prefork floor: forkd's
+    /// default for this machine, or the capacity if that is less.
+    pub fn workers(&self) -> usize {
+        crate::cli::default_workers().min(self.capacity)
+    }
+
     pub fn start(&self, kind: Kind) -> Result<Started, Error> {
         let cap = self.capacity.to_string();
         match kind {
             Kind::Forkd(mode) => {
-                let mode = if mode == Mode::Fork { "fork" } else { "thread" };
+                let mode = clap::ValueEnum::to_possible_value(&mode)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
                 let mut cmd = Command::new(&self.forkd);
                 cmd.args(["--print-addr", "-l", "127.0.0.1:0", "--log", "stderr", "-q"])
                     .args(["--udp", "127.0.0.1:0", "--udp-rate", "0"])
-                    .args(["--mode", mode, "--max-conns", &cap])
+                    .args(["--mode", &mode, "--max-conns", &cap])
                     // The load comes from one address, as no public client
                     // does: the per-source limits and early drop stay off.
                     .args([
@@ -156,12 +168,19 @@ impl Launcher {
                         "--early-drop",
                         "off",
                     ]);
+                if mode == "prefork" {
+                    // The same pool as the floor's.
+                    cmd.args(["--workers", &self.workers().to_string()]);
+                }
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
-            Kind::FloorFork | Kind::FloorThread | Kind::FloorUdp => {
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork | Kind::FloorUdp => {
                 let bin = self.build_floor(kind)?;
                 let mut cmd = Command::new(bin);
                 cmd.arg("0");
+                if kind == Kind::FloorPrefork {
+                    cmd.arg(self.workers().to_string());
+                }
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
             Kind::PythonFork | Kind::PythonThread => {
@@ -222,6 +241,7 @@ impl Launcher {
         let (stem, source, extra): (&str, &str, &[&str]) = match kind {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
             Kind::FloorUdp => ("floor_udp", FLOOR_UDP_C, &[]),
+            Kind::FloorPrefork => ("floor_prefork", FLOOR_PREFORK_C, &[]),
             _ => ("floor_thread", FLOOR_THREAD_C, &["-pthread"]),
         };
         let src = self.out.join(format!("{stem}.c"));
