@@ -111,9 +111,8 @@ impl ChildSetup {
 
 /// Raise this process's OOM score (see [`OOM_SCORE_ABOVE_DISPATCHER`]):
 /// once its connection proves long-lived ([`echo::Watch::on_long_lived`]:
-/// it waited a second for its client, or had to wait three times), so every
-/// process that holds a connection open is raised, while a short one pays
-/// nothing. (Raised right after the fork, it cost about 2 % of the
+/// it waited a second for its client), so every process that holds a
+/// connection open for long is raised, while a short one pays nothing. (Raised right after the fork, it cost about 2 % of the
 /// connections a second, measured with `forkd-load rate`.)
 fn raise_oom_score(setup: &ChildSetup) {
     let Some((path, value)) = &setup.oom else {
@@ -162,6 +161,7 @@ pub fn serve(
         echoed: bytes,
         first_byte: setup.first_byte,
         idle: setup.idle,
+        starts_with: echo::initial_timeout(setup.first_byte, true),
         on_long_lived: Some(&raise),
     };
     let outcome = echo::serve(&mut sock, buf, &watch);

@@ -66,25 +66,36 @@ pub struct Outcome {
 pub struct Watch<'a> {
     /// Kept at the bytes sent back so far.
     pub echoed: &'a AtomicU64,
-    /// The socket's receive timeout until the first byte comes (the
-    /// socket starts with it: `--first-byte-timeout`) and after it
-    /// (`--idle-timeout`); None: wait for ever.
+    /// The receive timeout until the first byte comes
+    /// (`--first-byte-timeout`) and after it (`--idle-timeout`); None: wait
+    /// for ever.
     pub first_byte: Option<Duration>,
     pub idle: Option<Duration>,
+    /// The receive timeout the socket has when the handler starts (set on
+    /// the listener, whose sockets inherit it: see [`initial_timeout`]).
+    pub starts_with: Option<Duration>,
     /// Called once, when the connection proves long-lived: it has waited
-    /// [`PATIENCE`] at a stretch for its client, or had to wait
-    /// [`LONG_LIVED_WAITS`] times. Fork mode raises the process's OOM score
-    /// there (see `crate::child`). A short connection never calls it.
+    /// [`PATIENCE`] at a stretch for its client. Fork mode raises the
+    /// process's OOM score there (see `crate::child`). A short connection
+    /// never calls it, and pays nothing for it.
     pub on_long_lived: Option<&'a dyn Fn()>,
 }
 
-/// See [`Watch::on_long_lived`]. The first wait of a connection that still
-/// has this hook is cut to this long; if it expires, the hook runs and the
-/// wait goes on for the whole receive timeout (so a timeout can end up to
-/// this much later than set).
+/// See [`Watch::on_long_lived`]. With the hook, a socket starts with a
+/// receive timeout of at most this; when it expires, the hook runs and the
+/// wait goes on for the whole timeout (so a timeout can end up to this much
+/// later than set).
 pub const PATIENCE: Duration = Duration::from_secs(1);
-/// See [`Watch::on_long_lived`].
-pub const LONG_LIVED_WAITS: u32 = 3;
+
+/// The receive timeout a socket should start with (the listener's): the
+/// first-byte timeout, or with a long-lived hook at most [`PATIENCE`].
+pub fn initial_timeout(first_byte: Option<Duration>, hooked: bool) -> Option<Duration> {
+    match (hooked, first_byte) {
+        (false, t) => t,
+        (true, None) => Some(PATIENCE),
+        (true, Some(t)) => Some(t.min(PATIENCE)),
+    }
+}
 
 impl<'a> Watch<'a> {
     /// Count into `echoed`; the socket's timeouts never change.
@@ -93,6 +104,7 @@ impl<'a> Watch<'a> {
             echoed,
             first_byte: None,
             idle: None,
+            starts_with: None,
             on_long_lived: None,
         }
     }
@@ -104,65 +116,53 @@ impl<'a> Watch<'a> {
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
 ///
-/// Cost of the long-lived hook to a short connection: its receives are
-/// non-blocking until one would wait, and that one wait gets a short
-/// timeout first: one `setsockopt` more, where raising the OOM score at
+/// The long-lived hook costs a short connection nothing: its socket comes
+/// with the short timeout from the listener, and only a wait that runs
+/// into it (a second of silence) sets another. Raising the OOM score at
 /// every fork cost three system calls into `/proc` (about 2 % of the
-/// connections a second, `forkd-load rate`).
+/// connections a second, `forkd-load rate`); a non-blocking receive and a
+/// `setsockopt` before each first wait still cost fork mode measurably.
 pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_>) -> Outcome {
     let mut bytes = 0u64;
     let mut received = false;
     let mut hook = watch.on_long_lived;
-    let mut waits = 0;
-    // The receive timeout the socket has now: set only when it must change,
-    // just before a wait.
-    let mut timeout = watch.first_byte;
+    // The receive timeout the socket has now: set only when it must change.
+    let mut timeout = watch.starts_with;
     loop {
         let real = if received {
             watch.idle
         } else {
             watch.first_byte
         };
-        let got = match hook {
-            None => {
-                set_receive_timeout(sock, &mut timeout, real);
-                receive(sock, buf, 0)
-            }
-            Some(f) => match receive(sock, buf, libc::MSG_DONTWAIT) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    // It would wait: wait PATIENCE first (or the whole
-                    // timeout, if that is shorter).
-                    let patience = real.map_or(PATIENCE, |t| t.min(PATIENCE));
-                    set_receive_timeout(sock, &mut timeout, Some(patience));
-                    waits += 1;
-                    match receive(sock, buf, 0) {
-                        Err(e)
-                            if e.kind() == ErrorKind::WouldBlock
-                                && real.is_none_or(|t| t > PATIENCE) =>
-                        {
-                            // Waited PATIENCE: long-lived. Wait on, for the
-                            // whole timeout.
-                            hook = None;
-                            f();
-                            set_receive_timeout(sock, &mut timeout, real);
-                            receive(sock, buf, 0)
-                        }
-                        r => {
-                            if waits >= LONG_LIVED_WAITS {
-                                hook = None;
-                                f();
-                            }
-                            r
-                        }
-                    }
-                }
-                r => r,
-            },
-        };
-        let data = match got {
+        if hook.is_none() {
+            set_receive_timeout(sock, &mut timeout, real);
+        }
+        let data = match receive(sock, buf, 0) {
             Ok([]) => break,
             Ok(data) => data,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
+                // The short timeout ran out.
+                let waited = timeout.unwrap_or(PATIENCE);
+                if waited >= PATIENCE
+                    && let Some(f) = hook.take()
+                {
+                    f();
+                }
+                if real.is_none_or(|t| t > waited) {
+                    // Wait on, for the whole timeout.
+                    set_receive_timeout(sock, &mut timeout, real);
+                    continue;
+                }
+                return Outcome {
+                    bytes,
+                    end: if received {
+                        End::IdleTimeout
+                    } else {
+                        End::Silent
+                    },
+                };
+            }
             Err(e) => {
                 let end = match classify(&e) {
                     End::IdleTimeout if !received => End::Silent,
@@ -317,9 +317,13 @@ mod tests {
         let hook = || {
             calls.fetch_add(1, Ordering::Relaxed);
         };
+        let first = Some(Duration::from_secs(5));
+        let starts_with = initial_timeout(first, true);
+        server.set_read_timeout(starts_with).unwrap();
         let watch = Watch {
-            first_byte: Some(Duration::from_secs(5)),
+            first_byte: first,
             idle: Some(Duration::from_secs(5)),
+            starts_with,
             on_long_lived: Some(&hook),
             ..Watch::counting(&count)
         };
@@ -353,17 +357,5 @@ mod tests {
             c.shutdown(Shutdown::Write).unwrap();
         });
         assert_eq!((calls, out.end, out.bytes), (1, End::Closed, 10));
-    }
-
-    #[test]
-    fn a_conversation_of_many_turns_is_long_lived() {
-        let (calls, out) = hook_calls(|c| {
-            for _ in 0..5 {
-                std::thread::sleep(Duration::from_millis(20));
-                exchange(c, b"turn");
-            }
-            c.shutdown(Shutdown::Write).unwrap();
-        });
-        assert_eq!((calls, out.end, out.bytes), (1, End::Closed, 20));
     }
 }

@@ -40,6 +40,7 @@ pub fn serve(
     let watch = echo::Watch {
         first_byte,
         idle,
+        starts_with: first_byte,
         ..echo::Watch::counting(&echoed)
     };
     let outcome = echo::serve(&mut sock, &mut buf, &watch);

@@ -52,7 +52,10 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     let udp = Udp::new(datagrams, config.udp_limits())?;
     for l in &listeners {
-        l.set_timeouts(config.first_byte(), config.idle())?;
+        // Fork mode's children watch for long-lived connections with a
+        // shorter first timeout (see `echo::initial_timeout`).
+        let first = crate::echo::initial_timeout(config.first_byte(), config.mode == Mode::Fork);
+        l.set_timeouts(first, config.idle())?;
     }
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;

@@ -207,6 +207,7 @@ fn serve(s: &'static Slot) {
             let watch = echo::Watch {
                 first_byte,
                 idle,
+                starts_with: first_byte,
                 ..echo::Watch::counting(bytes)
             };
             panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, &watch))).ok()

@@ -208,6 +208,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
         let watch = echo::Watch {
             first_byte: setup.first_byte,
             idle: setup.idle,
+            starts_with: setup.first_byte,
             ..echo::Watch::counting(bytes)
         };
         let mut sock = TcpStream::from(conn);
