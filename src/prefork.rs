@@ -41,6 +41,7 @@ use crate::listen::Listener;
 use crate::model::How;
 use crate::scoreboard::{Board, Report};
 use crate::signals::{self, Pending, Signals};
+use crate::udp::Udp;
 use crate::worker::{self, Setup, TERMS, code};
 use crate::{logging, reaper, systemd};
 
@@ -94,13 +95,18 @@ pub struct Pool {
     status_sent: Option<(Instant, String)>,
     fork_fail_log: Throttle,
     ignored_log: [Throttle; 64],
+    /// UDP sockets, served by the parent in its own loop, as the fork-mode
+    /// dispatcher serves them (see [`crate::udp`]); workers close them.
+    udp: Udp,
+    /// The parent's poll set: the wake-up pipe, then the UDP sockets.
+    pollfds: Vec<libc::pollfd>,
 }
 
 impl Pool {
     /// A pool for `setup.pool` workers over `listeners`, none started yet.
     pub fn new(
         mut setup: Setup,
-        listeners: Vec<Listener>,
+        (listeners, udp): (Vec<Listener>, Udp),
         activated: bool,
         signals: Signals,
         grace: Duration,
@@ -125,6 +131,8 @@ impl Pool {
             status_sent: None,
             fork_fail_log: Throttle::default(),
             ignored_log: std::array::from_fn(|_| Throttle::default()),
+            udp,
+            pollfds: Vec::new(),
         })
     }
 
@@ -288,15 +296,24 @@ impl Pool {
         );
     }
 
-    /// Poll the wake-up pipe; true if it was readable (or a signal came).
-    fn wait(&self, timeout: i32) -> Result<bool, Error> {
-        let mut p = libc::pollfd {
+    /// Poll the wake-up pipe and the UDP sockets, and serve the datagrams
+    /// that came; true if the pipe was readable (or a signal came).
+    fn wait(&mut self, timeout: i32) -> Result<bool, Error> {
+        let pipe = libc::pollfd {
             fd: self.signals.fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, timeout) };
+        self.pollfds.clear();
+        self.pollfds.push(pipe);
+        self.pollfds.resize(1 + self.udp.sockets().len(), pipe);
+        let polled = 1 + self.udp.add_to(&mut self.pollfds, 1);
+        // SAFETY: `pollfds` holds `polled` valid pollfd structures.
+        let n = unsafe { libc::poll(self.pollfds.as_mut_ptr(), polled as libc::nfds_t, timeout) };
+        if n > 0 {
+            self.udp.on_readable(&self.pollfds[..polled]);
+        }
+        let p = self.pollfds[0];
         if n < 0 {
             return match Errno::last() {
                 Errno::EINTR => Ok(true),
@@ -386,6 +403,7 @@ impl Pool {
     /// Drain: close the stop pipe, stop listening, tell systemd.
     fn begin_stop(&mut self) {
         self.stop_write = None;
+        self.udp.close();
         // Bound here: shut down, so that new clients are refused now, not
         // queued until the last busy worker lets go of its copy. Inherited
         // from systemd: only closed, as in the other modes, since the socket

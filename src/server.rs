@@ -141,16 +141,16 @@ fn prefork(
     settings: Settings,
     nofile: nix::Result<u64>,
 ) -> Result<u8, Error> {
-    if !bound.udp.is_empty() {
-        return Err(Error::usage(
-            "--udp is not served in prefork mode yet: use --mode fork or thread for UDP",
-        ));
-    }
     let Bound {
         listeners,
+        udp,
         activated,
-        ..
     } = bound;
+    let udp_names: Vec<(String, SocketAddr)> = udp
+        .sockets()
+        .iter()
+        .map(|u| (u.name.clone(), u.addr))
+        .collect();
     // A worker serves one connection at a time: the pool is the cap.
     let pool = config.pool();
     config.max_conns = pool;
@@ -180,7 +180,8 @@ fn prefork(
     };
     let signals = signals::install(Children::ReapInHandler)
         .map_err(|e| Error::os("cannot install signal handlers", e))?;
-    let mut pool = crate::prefork::Pool::new(setup, listeners, activated, signals, settings.grace)?;
+    let mut pool =
+        crate::prefork::Pool::new(setup, (listeners, udp), activated, signals, settings.grace)?;
     let name = format!(
         "prefork, {} workers, wake {:?}",
         config.max_conns, config.wake
@@ -189,7 +190,13 @@ fn prefork(
     // Announced first, so that no worker inherits the stdout --print-addr
     // closes (its reader waits for the end of it); a client that comes in
     // between waits in the backlog for the first worker.
-    announce(&config, (pool.listeners(), &[]), activated, &name, nofile);
+    announce(
+        &config,
+        (pool.listeners(), &udp_names),
+        activated,
+        &name,
+        nofile,
+    );
     pool.fill();
     let s = pool.run()?;
     let dropped = events::Dropped {

@@ -29,14 +29,25 @@ fn echo_whole(f: &Forkd, to: SocketAddr, local: &str) {
 }
 
 fn whole_datagrams(mode: &str) {
-    let f = Forkd::start(&["--mode", mode, "--udp", "127.0.0.1:0"]);
+    let f = Forkd::start(&["--mode", mode, "--udp", "127.0.0.1:0", "--workers", "2"]);
+    if mode == "prefork" {
+        f.check(
+            wait_until(Duration::from_secs(10), || f.children().len() == 2),
+            "the pool did not fill",
+        );
+    }
     f.check(
         f.addrs.is_empty() && f.udp_addrs.len() == 1,
         "--udp alone must open no TCP listener",
     );
+    let before = f.children().len();
     echo_whole(&f, f.udp_addr(), "127.0.0.1:0");
-    // No process (fork) or thread (thread) per datagram.
-    f.check(f.children().is_empty(), "a process was forked for UDP");
+    // No process (fork) or thread (thread) per datagram; prefork's pool
+    // stays as it was.
+    f.check(
+        f.children().len() == before && (mode == "prefork" || before == 0),
+        "a process was forked for UDP",
+    );
     f.check(
         status_field(f.pid(), "Threads") == "1",
         "a thread was started for UDP",
@@ -46,6 +57,12 @@ fn whole_datagrams(mode: &str) {
 #[test]
 fn udp_echoes_1_and_65507_bytes_whole_fork() {
     whole_datagrams("fork");
+}
+
+#[test]
+fn udp_echoes_1_and_65507_bytes_whole_prefork() {
+    // The pool's parent serves datagrams; its workers serve TCP.
+    whole_datagrams("prefork");
 }
 
 #[test]
