@@ -10,6 +10,8 @@
 //!   write-protects every private page it copies into a child, so the
 //!   dispatcher's next write to such a page is a fault and a copy; a mapping
 //!   fork does not copy is never write-protected.
+//! - [`wiped_in_children`]: a private mapping marked `MADV_WIPEONFORK`, for
+//!   the signal stack: a child has the addresses, but its own zero pages.
 //! - [`shared`]: an anonymous `MAP_SHARED` mapping, inherited writable by
 //!   every child. Only the byte counters children report live there
 //!   ([`crate::counters`]): untrusted numbers the dispatcher only reports.
@@ -33,6 +35,22 @@ pub unsafe fn private<T>(n: usize) -> io::Result<&'static mut [T]> {
     unsafe { madvise(ptr.cast(), len, MmapAdvise::MADV_DONTFORK) }?;
     // SAFETY: `n` zero-filled, aligned `T`s that stay mapped until exit and
     // that nothing else was handed.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), n.max(1)) })
+}
+
+/// `n` zero-filled `T`s in a private mapping marked `MADV_WIPEONFORK`: a
+/// child gets the same addresses mapped, but to fresh zero pages of its
+/// own, never the dispatcher's (and fork write-protects nothing of it).
+/// For the signal stack: a signal that reaches a child before it has put
+/// its handlers back still finds a stack to run on.
+///
+/// # Safety
+/// An all-zero `T` must be a valid value.
+pub unsafe fn wiped_in_children<T>(n: usize) -> io::Result<&'static mut [T]> {
+    let (ptr, len) = map::<T>(n, MapFlags::MAP_PRIVATE)?;
+    // SAFETY: `ptr..ptr+len` is the mapping just made, page-aligned.
+    unsafe { madvise(ptr.cast(), len, MmapAdvise::MADV_WIPEONFORK) }?;
+    // SAFETY: as in `private`.
     Ok(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), n.max(1)) })
 }
 
@@ -97,6 +115,29 @@ mod tests {
             nix::unistd::ForkResult::Parent { child } => {
                 let st = nix::sys::wait::waitpid(child, None).unwrap();
                 assert_eq!(st, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_wiped_mapping_is_zero_in_a_forked_child_and_kept_in_the_parent() {
+        // SAFETY: all-zero u64s.
+        let table = unsafe { wiped_in_children::<u64>(512) }.unwrap();
+        table[0] = 7;
+        let addr = table.as_ptr() as usize;
+        // SAFETY: the child reads and writes its own copy, then calls _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // SAFETY: the mapping exists in the child, zero-filled.
+                let first = unsafe { std::ptr::read_volatile(addr as *const u64) };
+                unsafe { std::ptr::write_volatile(addr as *mut u64, 9) };
+                // SAFETY: _exit ends the child at once.
+                unsafe { libc::_exit(if first == 0 { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let st = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(st, nix::sys::wait::WaitStatus::Exited(child, 0));
+                assert_eq!(table[0], 7, "the child's write reached the parent");
             }
         }
     }

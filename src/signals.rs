@@ -23,9 +23,10 @@
 //! pipe *first* and only then takes the pending events, so no signal that
 //! arrives in between is lost.
 //!
-//! Everything the handler writes, and the alternate stack it runs on, lives
-//! in memory no child inherits ([`crate::memory::private`]): a connection's
-//! process can neither forge an event nor write into a signal frame. A
+//! Everything the handler writes lives in memory no child inherits
+//! ([`crate::memory::private`]), and the alternate stack it runs on is
+//! wiped in children: a connection's process can neither forge an event nor
+//! write into the dispatcher's signal frames. A
 //! child also inherits the handler itself; the handler sees it is not in
 //! the dispatcher (its pid differs) and does what the signal's default
 //! would, so a child behaves as if forkd had installed nothing, without
@@ -337,16 +338,20 @@ pub fn name(signal: i32) -> String {
 /// Bytes of the dispatcher's alternate signal stack.
 const ALT_STACK: usize = 64 << 10;
 
-/// Give the calling thread (the dispatcher) an alternate signal stack in
-/// memory no child inherits. The kernel writes each signal's frame
-/// (registers and vector state, a few KiB) on the stack a handler runs on;
-/// on the ordinary stack that dirties pages below the dispatcher's frames,
-/// which after every fork means page faults and copies, and a frame there
-/// could be read and written by the children. A child disables this stack
-/// first thing (see [`reset_in_child`]): it is not mapped in the child.
+/// Give the calling thread (the dispatcher) an alternate signal stack that
+/// no child can reach. The kernel writes each signal's frame (registers and
+/// vector state, a few KiB) on the stack a handler runs on; on the ordinary
+/// stack that dirties pages below the dispatcher's frames, which after every
+/// fork means page faults and copies, and a frame there could be read and
+/// written by the children. The mapping is wiped in children
+/// ([`crate::memory::wiped_in_children`]): a child sees fresh zero pages
+/// at those addresses, never the dispatcher's. (Not mapped in children at
+/// all, as the tables are, a signal that reached a child in the moment
+/// between its fork and [`reset_in_child`] found no stack and killed it
+/// with SIGSEGV: seen in a test that signalled a prefork worker at once.)
 fn alternate_stack() -> io::Result<()> {
     // SAFETY: all-zero bytes are valid MaybeUninit<u8>.
-    let stack = unsafe { crate::memory::private::<MaybeUninit<u8>>(ALT_STACK)? };
+    let stack = unsafe { crate::memory::wiped_in_children::<MaybeUninit<u8>>(ALT_STACK)? };
     let ss = libc::stack_t {
         ss_sp: stack.as_mut_ptr().cast(),
         ss_flags: 0,
@@ -364,7 +369,7 @@ fn alternate_stack() -> io::Result<()> {
 /// changed that `on_signal` does not already restore on delivery: the
 /// runtime's SIGSEGV and SIGBUS handlers (which would swallow a first
 /// SIGSEGV sent by `kill`), forkd's SIG_IGN for SIGTTIN and SIGTTOU, and
-/// the alternate stack, which is not mapped in a child. SIGPIPE stays
+/// the alternate stack, whose pages are wiped in a child. SIGPIPE stays
 /// ignored (the echo handler wants EPIPE); the mask is already empty.
 ///
 /// A child's code (see `crate::child`): plain libc calls on constants, no

@@ -447,7 +447,8 @@ fn zombie_lab_kills_a_worker_and_the_pool_replaces_it() {
     let out = format!("{}{}", run.stdout, run.stderr);
     assert!(run.status.success(), "{:?}\n{out}", run.status);
     for needed in [
-        "forkd: worker 1 conn 127.0.0.1:",
+        // Whichever worker the kernel woke (not always the first).
+        " conn 127.0.0.1:",
         " idle",
         "killed by SIGKILL after ",
         "replacing it",
