@@ -14,10 +14,10 @@
 //! single byte for that long (a client that stopped reading), ends the
 //! connection. Any progress starts the clock again.
 
-use std::io::{self, ErrorKind, Write};
+use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -98,8 +98,176 @@ impl<'a> Watch<'a> {
     }
 }
 
+/// Which way a [`Session`] waits for its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// For the client to send (a receive would block, or timed out).
+    Read,
+    /// For the client to take its echo (a send would block, or timed out).
+    Write,
+}
+
+/// What one [`Session::advance`] came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A chunk was received and all of it sent back (or the rest of one held
+    /// back was sent): call again.
+    Echoed,
+    /// The socket would block (a blocking socket: its timeout expired).
+    Wait(Want),
+    /// The connection is over.
+    Done(End),
+}
+
+/// One connection's echo as a small state machine, the same for every
+/// model: the blocking ones ([`serve`]) drive it in a loop on a blocking
+/// socket, the event loop (`crate::event`) on readiness over a
+/// non-blocking one. Only [`Session::advance`] moves bytes, so what is
+/// echoed, how a half-close and each error end a connection, and what is
+/// counted cannot drift apart between models.
+///
+/// The rule: a chunk is read only when every byte of the last one went
+/// back. A client that does not read its echo is therefore not read from
+/// either (backpressure): it costs at most one chunk, whatever it sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Bytes sent back so far.
+    bytes: u64,
+    /// Bytes received so far.
+    received: u64,
+    /// The chunk being sent back: `buf[from..to]` of the caller's buffer.
+    from: usize,
+    to: usize,
+}
+
+impl Session {
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// Bytes sent back so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Has any byte come from the client?
+    pub fn received(&self) -> bool {
+        self.received > 0
+    }
+
+    /// Bytes moved either way so far: it changes exactly when the connection
+    /// made progress (for idle timers).
+    pub fn moved(&self) -> u64 {
+        self.bytes + self.received
+    }
+
+    /// The bytes received and not yet sent back, as a range of the buffer
+    /// last given to [`Session::advance`].
+    pub fn pending(&self) -> std::ops::Range<usize> {
+        self.from..self.to
+    }
+
+    /// The pending bytes now sit at the start of another buffer (the event
+    /// loop moves them out of its shared one into the connection's own).
+    pub fn moved_pending_to_start(&mut self) {
+        self.to -= self.from;
+        self.from = 0;
+    }
+
+    /// How a connection that timed out waiting for its client ends.
+    pub fn timed_out(&self) -> End {
+        if self.received() {
+            End::IdleTimeout
+        } else {
+            End::Silent
+        }
+    }
+
+    /// The result so far, ended by `end`.
+    pub fn outcome(&self, end: End) -> Outcome {
+        Outcome {
+            bytes: self.bytes,
+            end,
+        }
+    }
+
+    /// Send back what is pending; if nothing is, receive one chunk (with
+    /// `recv_flags`) into `buf` and send it back. Returns at the first
+    /// send or receive that would block, at the end, or when a chunk is
+    /// wholly sent. `buf` must hold the pending bytes, if any, at
+    /// [`Session::pending`]; it need not be initialised otherwise.
+    pub fn advance(
+        &mut self,
+        fd: RawFd,
+        buf: &mut [MaybeUninit<u8>],
+        recv_flags: libc::c_int,
+        echoed: &AtomicU64,
+    ) -> Step {
+        if self.from == self.to {
+            loop {
+                // SAFETY: recv(2) writes at most `buf.len()` bytes into
+                // `buf`, which is valid for writes of that length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), recv_flags) };
+                if n > 0 {
+                    self.received += n as u64;
+                    (self.from, self.to) = (0, n as usize);
+                    break;
+                }
+                if n == 0 {
+                    // The client's FIN, and every byte went back. Our FIN
+                    // follows when the caller closes the socket.
+                    return Step::Done(End::Closed);
+                }
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => return Step::Wait(Want::Read),
+                    _ => return Step::Done(self.classify_error(&e)),
+                }
+            }
+        }
+        while self.from < self.to {
+            // SAFETY: `buf[from..to]` was initialised by the kernel (a recv
+            // into this buffer, or a copy of such bytes).
+            let data = unsafe {
+                std::slice::from_raw_parts(
+                    buf[self.from..].as_ptr().cast::<u8>(),
+                    self.to - self.from,
+                )
+            };
+            // SAFETY: send(2) reads at most `data.len()` bytes of `data`.
+            let k = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+            if k > 0 {
+                self.from += k as usize;
+                self.bytes += k as u64;
+                echoed.store(self.bytes, Ordering::Relaxed);
+                continue;
+            }
+            if k == 0 {
+                return Step::Done(End::Reset);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::Interrupted => continue,
+                ErrorKind::WouldBlock => return Step::Wait(Want::Write),
+                _ => return Step::Done(self.classify_error(&e)),
+            }
+        }
+        (self.from, self.to) = (0, 0);
+        Step::Echoed
+    }
+
+    fn classify_error(&self, e: &io::Error) -> End {
+        match classify(e) {
+            End::IdleTimeout if !self.received() => End::Silent,
+            end => end,
+        }
+    }
+}
+
 /// Echo everything on `sock` back to it until the client closes, using
-/// `buf`, and report as `watch` asks.
+/// `buf`, and report as `watch` asks: a [`Session`] driven over the
+/// blocking socket, whose receive and send timeouts are the connection's.
 ///
 /// The buffer need not be initialised: only bytes the kernel wrote into it
 /// are ever read, so no page of it is touched before data arrives.
@@ -110,13 +278,14 @@ impl<'a> Watch<'a> {
 /// every fork cost three system calls into `/proc` (about 2 % of the
 /// connections a second, `forkd-load rate`).
 pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_>) -> Outcome {
-    let mut bytes = 0u64;
-    let mut received = false;
+    let fd = sock.as_raw_fd();
+    let mut session = Session::new();
     let mut hook = watch.on_long_lived;
     let mut waits = 0;
     // The socket's receive timeout is PATIENCE (or less), not the real one.
     let mut short = false;
     loop {
+        let received = session.received();
         let real = if received {
             watch.idle
         } else {
@@ -127,11 +296,12 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
         } else {
             0
         };
-        let data = match receive(sock, buf, flags) {
-            Ok([]) => break,
-            Ok(data) => data,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
+        match session.advance(fd, buf, flags, watch.echoed) {
+            Step::Echoed => {}
+            Step::Done(end) => return session.outcome(end),
+            // SO_SNDTIMEO expired: the client took nothing for the idle timeout.
+            Step::Wait(Want::Write) => return session.outcome(End::IdleTimeout),
+            Step::Wait(Want::Read) if hook.is_some() => {
                 if !short {
                     // It would wait: wait PATIENCE first.
                     let _ = sock.set_read_timeout(Some(real.map_or(PATIENCE, |t| t.min(PATIENCE))));
@@ -148,26 +318,14 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
                     continue;
                 }
                 // The short wait was the whole timeout.
-                return Outcome {
-                    bytes,
-                    end: if received {
-                        End::IdleTimeout
-                    } else {
-                        End::Silent
-                    },
-                };
+                return session.outcome(session.timed_out());
             }
-            Err(e) => {
-                let end = match classify(&e) {
-                    End::IdleTimeout if !received => End::Silent,
-                    end => end,
-                };
-                return Outcome { bytes, end };
-            }
-        };
+            // SO_RCVTIMEO expired.
+            Step::Wait(Want::Read) => return session.outcome(session.timed_out()),
+        }
+        // A chunk went back.
         let was_short = short;
         let switch = !received && watch.first_byte != watch.idle;
-        received = true;
         if was_short {
             short = false;
             waits += 1;
@@ -181,52 +339,7 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
             // The first byte's timeout, or the short one, gives way to the idle one.
             let _ = sock.set_read_timeout(watch.idle);
         }
-        let mut sent = 0;
-        while sent < data.len() {
-            match sock.write(&data[sent..]) {
-                Ok(0) => {
-                    return Outcome {
-                        bytes,
-                        end: End::Reset,
-                    };
-                }
-                Ok(k) => {
-                    sent += k;
-                    bytes += k as u64;
-                    watch.echoed.store(bytes, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Outcome {
-                        bytes,
-                        end: classify(&e),
-                    };
-                }
-            }
-        }
     }
-    // The client's FIN arrived and every byte went back. Our FIN follows
-    // when the caller closes the socket (a child's exit, a thread's end).
-    Outcome {
-        bytes,
-        end: End::Closed,
-    }
-}
-
-/// One recv(2) into `buf`; returns the bytes received (empty at end of stream).
-fn receive<'a>(
-    sock: &TcpStream,
-    buf: &'a mut [MaybeUninit<u8>],
-    flags: libc::c_int,
-) -> io::Result<&'a [u8]> {
-    // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which is
-    // valid for writes of that length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel initialised the first `n` bytes of `buf`.
-    Ok(unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) })
 }
 
 fn classify(e: &io::Error) -> End {
@@ -243,7 +356,7 @@ fn classify(e: &io::Error) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
 
     fn pair() -> (TcpStream, TcpStream) {
