@@ -147,7 +147,7 @@ impl<M: Model> Dispatcher<M> {
         let sources = Sources::new(settings.sources, settings.max_conns)
             .map_err(|e| Error::os("cannot map the per-source counts", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
-        let pollfds = unsafe { crate::memory::private::<libc::pollfd>(1 + listeners.len()) }
+        let pollfds = unsafe { crate::memory::private::<libc::pollfd>(2 + listeners.len()) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
         Ok(Dispatcher {
             books: Books {
@@ -195,6 +195,9 @@ impl<M: Model> Dispatcher<M> {
                 let pending = self.signals.take();
                 self.on_signals(pending);
             }
+            if self.model_ready(Instant::now()) {
+                self.model.on_ready();
+            }
             let why = if self.stopping.is_some() || self.full() {
                 Collect::NeedRoom
             } else {
@@ -230,9 +233,10 @@ impl<M: Model> Dispatcher<M> {
         self.books.table.active() >= self.settings.max_conns
     }
 
-    /// Poll the wake-up pipe and (when accepting) the listeners; returns
-    /// whether the pipe was readable. Which listeners are readable is left
-    /// in `self.pollfds` (see [`Self::listener_ready`]).
+    /// Poll the wake-up pipe, the model's descriptor if it has one, and
+    /// (when accepting) the listeners; returns whether the pipe was
+    /// readable. Which others are readable is left in `self.pollfds` (see
+    /// [`Self::listener_ready`], [`Self::model_ready`]).
     fn wait(&mut self, accepting: bool, timeout: PollTimeout) -> Result<bool, Error> {
         let entry = |fd: i32| libc::pollfd {
             fd,
@@ -240,10 +244,12 @@ impl<M: Model> Dispatcher<M> {
             revents: 0,
         };
         self.pollfds[0] = entry(self.signals.fd());
-        self.polled = 1;
+        // A negative descriptor: poll skips the entry.
+        self.pollfds[1] = entry(self.model.poll_fd().unwrap_or(-1));
+        self.polled = 2;
         if accepting {
             for (i, l) in self.listeners.iter().enumerate() {
-                self.pollfds[1 + i] = entry(l.as_fd().as_raw_fd());
+                self.pollfds[2 + i] = entry(l.as_fd().as_raw_fd());
             }
             self.polled += self.listeners.len();
         }
@@ -272,7 +278,12 @@ impl<M: Model> Dispatcher<M> {
 
     /// Did the last poll find listener `i` readable?
     fn listener_ready(&self, i: usize) -> bool {
-        i + 1 < self.polled && self.pollfds[i + 1].revents != 0
+        i + 2 < self.polled && self.pollfds[i + 2].revents != 0
+    }
+
+    /// Has the model work: its descriptor was readable, or its deadline came?
+    fn model_ready(&self, now: Instant) -> bool {
+        self.pollfds[1].revents != 0 || self.model.next_deadline().is_some_and(|t| t <= now)
     }
 
     /// How long poll may sleep: until the next deadline, if any.
@@ -283,6 +294,9 @@ impl<M: Model> Dispatcher<M> {
             consider(deadline);
             // Zombies (in --reap off) are counted by looking, not told by a signal.
             consider(now + Duration::from_millis(100));
+        }
+        if let Some(t) = self.model.next_deadline() {
+            consider(t);
         }
         if self.books.status_dirty && systemd::notify_socket_set() {
             consider(self.status_sent.map_or(now, |t| t + STATUS_EVERY));
