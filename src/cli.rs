@@ -27,6 +27,8 @@ pub enum Mode {
     Fork,
     /// One thread per connection inside the dispatcher process.
     Thread,
+    /// One epoll loop over every connection, in the dispatcher's one thread.
+    Event,
 }
 
 /// When the fork-mode dispatcher collects its finished children.

@@ -13,7 +13,8 @@
 //! - [`fork`]: fork mode, the dispatcher's side (fork, close, record).
 //! - [`child`]: fork mode, the child's side (hygiene, title, echo, `_exit`).
 //! - [`thread`]: thread mode, one thread per connection.
-//! - [`echo`]: the echo handler every model calls.
+//! - [`event`]: event mode, one epoll loop over every connection.
+//! - [`echo`]: the echo handler every model runs ([`echo::Session`]).
 //! - [`exit_code`]: what a connection process's exit code means.
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
 //! - [`table`]: the dispatcher's private table of live connections.
@@ -50,6 +51,7 @@ pub mod counters;
 pub mod dispatcher;
 pub mod echo;
 pub mod error;
+pub mod event;
 pub mod events;
 pub mod exit_code;
 pub mod fork;

@@ -16,6 +16,7 @@ use crate::child::{self, ChildSetup};
 use crate::cli::{Config, Mode, ReapMode};
 use crate::dispatcher::{Dispatcher, Settings};
 use crate::error::{EXIT_OK, Error};
+use crate::event::EventModel;
 use crate::fork::ForkModel;
 use crate::listen::Listener;
 use crate::model::Model;
@@ -95,6 +96,12 @@ pub fn run(config: Config) -> Result<u8, Error> {
             let (l, s) = (listeners, settings);
             serve(&config, model, Children::None, l, s, activated, nofile)
         }
+        Mode::Event => {
+            let model = EventModel::new(config.buffer, config.first_byte(), config.idle())
+                .map_err(|e| Error::os("cannot create the epoll instance", e))?;
+            let (l, s) = (listeners, settings);
+            serve(&config, model, Children::None, l, s, activated, nofile)
+        }
     }
 }
 
@@ -115,6 +122,7 @@ fn serve<M: Model>(
     let name = match config.mode {
         Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
         Mode::Thread => "thread".to_string(),
+        Mode::Event => "event".to_string(),
     };
     let dispatcher = Dispatcher::new(model, listeners, signals, settings)?;
     announce(config, dispatcher.listeners(), activated, &name, nofile);
@@ -157,7 +165,7 @@ fn announce(
         }
     }
     match nofile {
-        Ok(n) if (n as usize) < config.max_conns + 64 && config.mode == Mode::Thread => warn!(
+        Ok(n) if (n as usize) < config.max_conns + 64 && config.mode != Mode::Fork => warn!(
             "descriptor limit {n} is below --max-conns {}: accepts will pause when it runs out",
             config.max_conns
         ),
