@@ -34,7 +34,7 @@ status=0
 workloads="--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --duration ${DURATION:-10s}"
 # shellcheck disable=SC2086
 "$bin/forkd-load" compare --forkd "$static" --json \
-	--modes fork,thread --floor --peers $workloads --hold 2000 \
+	--modes fork,thread,event --floor --peers $workloads --hold 2000 \
 	--out "$out" "$@" >"$out/runs.jsonl" || status=$?
 
 # Latency at equal load: the fork servers paced at one rate, half what the

@@ -131,7 +131,13 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         }
     }
     if a.floor {
-        kinds.extend([Kind::FloorFork, Kind::FloorThread]);
+        // The floor of each model measured, after the forkd rows.
+        for m in &a.modes {
+            let floor = Kind::floor(*m);
+            if !kinds.contains(&floor) {
+                kinds.push(floor);
+            }
+        }
     }
     if a.peers {
         kinds.extend([

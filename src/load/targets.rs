@@ -28,6 +28,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 const FLOOR_FORK_C: &str = include_str!("../../benches/floor_fork.c");
 const FLOOR_THREAD_C: &str = include_str!("../../benches/floor_thread.c");
+const FLOOR_EPOLL_C: &str = include_str!("../../benches/floor_epoll.c");
 const PY_ECHO: &str = include_str!("../../scripts/py_echo.py");
 
 /// A kind of server to measure.
@@ -36,6 +37,7 @@ pub enum Kind {
     Forkd(Mode),
     FloorFork,
     FloorThread,
+    FloorEpoll,
     PythonFork,
     PythonThread,
     Socat,
@@ -47,8 +49,10 @@ impl Kind {
         match self {
             Kind::Forkd(Mode::Fork) => "forkd-fork",
             Kind::Forkd(Mode::Thread) => "forkd-thread",
+            Kind::Forkd(Mode::Event) => "forkd-event",
             Kind::FloorFork => "floor-fork",
             Kind::FloorThread => "floor-thread",
+            Kind::FloorEpoll => "floor-epoll",
             Kind::PythonFork => "python-fork",
             Kind::PythonThread => "python-thread",
             Kind::Socat => "socat",
@@ -56,11 +60,20 @@ impl Kind {
         }
     }
 
+    /// The C floor server of a forkd model: the least that model can do.
+    pub fn floor(mode: Mode) -> Kind {
+        match mode {
+            Mode::Fork => Kind::FloorFork,
+            Mode::Thread => Kind::FloorThread,
+            Mode::Event => Kind::FloorEpoll,
+        }
+    }
+
     /// `forkd`, `floor` or `peer`: how the table and chart group it.
     pub fn family(self) -> &'static str {
         match self {
             Kind::Forkd(_) => "forkd",
-            Kind::FloorFork | Kind::FloorThread => "floor",
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorEpoll => "floor",
             _ => "peer",
         }
     }
@@ -129,7 +142,11 @@ impl Launcher {
         let cap = self.capacity.to_string();
         match kind {
             Kind::Forkd(mode) => {
-                let mode = if mode == Mode::Fork { "fork" } else { "thread" };
+                let mode = match mode {
+                    Mode::Fork => "fork",
+                    Mode::Thread => "thread",
+                    Mode::Event => "event",
+                };
                 let mut cmd = Command::new(&self.forkd);
                 cmd.args(["--print-addr", "-l", "127.0.0.1:0", "--log", "stderr", "-q"])
                     .args(["--mode", mode, "--max-conns", &cap])
@@ -145,7 +162,7 @@ impl Launcher {
                     ]);
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
-            Kind::FloorFork | Kind::FloorThread => {
+            Kind::FloorFork | Kind::FloorThread | Kind::FloorEpoll => {
                 let bin = self.build_floor(kind)?;
                 let mut cmd = Command::new(bin);
                 cmd.arg("0");
@@ -208,6 +225,7 @@ impl Launcher {
     fn build_floor(&self, kind: Kind) -> Result<PathBuf, Error> {
         let (stem, source, extra): (&str, &str, &[&str]) = match kind {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
+            Kind::FloorEpoll => ("floor_epoll", FLOOR_EPOLL_C, &[]),
             _ => ("floor_thread", FLOOR_THREAD_C, &["-pthread"]),
         };
         let src = self.out.join(format!("{stem}.c"));
