@@ -435,7 +435,8 @@ impl<M: Model> Dispatcher<M> {
                 }
             }
             self.collect(Collect::BeforeAccept);
-            let (conn, peer) = match self.listeners[i].accept() {
+            let nonblocking = self.model.nonblocking();
+            let (conn, peer) = match self.listeners[i].accept(nonblocking) {
                 Ok(c) => c,
                 Err(Errno::EAGAIN) => return,
                 // The client gave up between SYN and accept, or a signal: try the next.

@@ -39,7 +39,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{Shutdown, shutdown};
 
@@ -344,8 +343,6 @@ impl Model for EventModel {
         slot: u32,
         bytes: &'static AtomicU64,
     ) -> io::Result<u64> {
-        // accept4 gave a blocking socket with no other status flag set.
-        fcntl(conn.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         let id = self.next_id;
         self.next_id += 1;
         let i = slot as usize;
@@ -390,6 +387,10 @@ impl Model for EventModel {
                 let _ = shutdown(c.fd.as_raw_fd(), shut);
             }
         }
+    }
+
+    fn nonblocking(&self) -> bool {
+        true
     }
 
     fn poll_fd(&self) -> Option<RawFd> {

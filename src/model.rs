@@ -45,6 +45,10 @@ pub trait Model {
     fn finished(&self, _id: u64) -> bool {
         false
     }
+    /// Whether the model wants its connections non-blocking (set at accept).
+    fn nonblocking(&self) -> bool {
+        false
+    }
     /// A descriptor for the dispatcher's poll set, for a model that does
     /// its work in the dispatcher's thread (the event loop's epoll
     /// descriptor): when it is readable, or [`Model::next_deadline`] has

@@ -69,7 +69,7 @@ fn lines_with(log: &str, needle: &str) -> usize {
 
 #[test]
 fn per_ip_limit_refuses_extra_connections_and_releases_on_every_end() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&["--mode", mode, "--max-per-ip", "2"]);
         let mut a = connect(f.addr());
         let mut b = connect(f.addr());
@@ -207,6 +207,13 @@ fn idle_timeout_thread() {
     idle_timeout_ends_silent_and_non_reading_clients("thread");
 }
 
+/// Event mode's timeouts are timers (socket timeouts do not apply to
+/// non-blocking sockets): the same ends, the same lines.
+#[test]
+fn idle_timeout_event() {
+    idle_timeout_ends_silent_and_non_reading_clients("event");
+}
+
 #[test]
 fn fork_failure_backs_off_without_spinning_and_recovers() {
     // Root is exempt from RLIMIT_NPROC, so run forkd as an unprivileged uid
@@ -329,7 +336,7 @@ fn emfile_in_thread_mode_backs_off_and_recovers() {
 
 #[test]
 fn sigterm_under_load_never_truncates_an_accepted_reply() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let mut f = Forkd::start(&["--mode", mode, "--grace", "20s"]);
         let addr = f.addr();
         let stop = Arc::new(AtomicBool::new(false));
@@ -507,7 +514,7 @@ fn children_outlive_a_killed_dispatcher_unless_die_with_parent() {
 
 #[test]
 fn a_stalled_client_does_not_slow_a_100_mib_stream() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&["--mode", mode]);
         // The staller sends and never reads: its own connection backs up.
         let mut stall = connect(f.addr());
@@ -739,7 +746,7 @@ fn thread_mode_survives_buffers_memory_cannot_give() {
 
 #[test]
 fn a_client_that_sends_nothing_meets_the_shorter_first_byte_timeout() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&[
             "--mode",
             mode,
