@@ -119,6 +119,9 @@ at = f"at {pace:.0f}/s" if pace else "paced"
 ratio(f"forkd-fork p99 / floor-fork p99 {at}", paced_p99("forkd-fork"), paced_p99("floor-fork"), "<=", 1.0)
 ratio("forkd-fork MiB/s / floor-fork", mibs("forkd-fork"), mibs("floor-fork"), ">=", 0.9)
 ratio("forkd-thread MiB/s / floor-thread", mibs("forkd-thread"), mibs("floor-thread"), ">=", 0.9)
+ratio("forkd-event conn/s / floor-epoll", rate("forkd-event"), rate("floor-epoll"), ">=", 1.0)
+ratio("forkd-event MiB/s / floor-epoll", mibs("forkd-event"), mibs("floor-epoll"), ">=", 0.9)
+checks.append(("forkd-event PSS KiB/conn", pss("forkd-event"), "<=", 2.0))
 
 failed = missing = 0
 for what, v, op, target in checks:
