@@ -3,7 +3,7 @@
 //!
 //! The loop: wait in `poll`; take the signals; collect the connections that
 //! ended; accept, and hand each connection to the model. Every end goes
-//! through one place, [`Books::end_connection`]: the table frees the slot,
+//! through one place, `Books::end_connection`: the table frees the slot,
 //! the per-address count drops, and the end is logged. The loop never
 //! blocks anywhere but in `poll`, which a signal always interrupts. At the
 //! connection cap the listeners simply leave the poll set: new connections

@@ -7,7 +7,7 @@
 //! ([`Model::poll_fd`]). When it is readable, the dispatcher calls
 //! [`Model::on_ready`], which takes the ready connections from epoll
 //! (level-triggered, without waiting) and drives each connection's
-//! [`echo::Session`], the same state machine the blocking models run: so
+//! [`echo::Session`](crate::echo::Session), the same state machine the blocking models run: so
 //! the echo cannot drift from theirs.
 //!
 //! - **A buffer only while bytes are in flight.** Every connection reads

@@ -14,7 +14,7 @@
 //! | SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT | a real fault: the default, forkd dies (and systemd restarts it) |
 //! | SIGTSTP, SIGSTOP, SIGCONT, SIGKILL | the defaults |
 //!
-//! One handler, [`on_signal`], serves them all. It does only
+//! One handler, `on_signal`, serves them all. It does only
 //! async-signal-safe things: counts the signal in a word of memory, reaps
 //! (SIGCHLD, `--reap handler`), and writes one byte to the wake-up pipe,
 //! whose read end sits in the dispatcher's poll set. `poll` is never
@@ -359,7 +359,7 @@ fn alternate_stack() -> io::Result<()> {
 }
 
 /// In a freshly forked child: give back the defaults forkd or Rust's runtime
-/// changed that [`on_signal`] does not already restore on delivery: the
+/// changed that `on_signal` does not already restore on delivery: the
 /// runtime's SIGSEGV and SIGBUS handlers (which would swallow a first
 /// SIGSEGV sent by `kill`), forkd's SIG_IGN for SIGTTIN and SIGTTOU, and
 /// the alternate stack, which is not mapped in a child. SIGPIPE stays
