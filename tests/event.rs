@@ -189,3 +189,21 @@ fn idle_connections_with_timers_keep_the_loop_asleep() {
         ping(s, b"still here");
     }
 }
+
+/// A connection is no task in event mode: a cap above `kernel.pid_max`
+/// (refused in fork and thread mode) is fine; only descriptors bound it.
+#[test]
+fn a_cap_above_pid_max_is_accepted_in_event_mode() {
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let over = (pid_max + 1).min(1 << 22).to_string();
+    let f = Forkd::start(&["--mode", "event", "-c", &over]);
+    let data = pattern(10_000, 5);
+    f.check(roundtrip(f.addr(), &data) == data, "not served");
+    f.check(
+        f.log().contains(&format!("max {over} connections")),
+        "the cap should be announced",
+    );
+}

@@ -620,7 +620,7 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(
         &["--mode", "prefork"],
         64,
-        "'--mode <MODE>' [possible values: fork, thread]",
+        "'--mode <MODE>' [possible values: fork, thread, event]",
     );
     check_error(&["--reap"], 64, "'--reap <REAP>'");
     check_error(&["--reap"], 64, "[possible values: handler, lazy, off]");

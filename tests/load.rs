@@ -471,7 +471,7 @@ fn bad_arguments_are_one_line_usage_errors() {
         ),
         (
             &["compare", "--out", "x", "--modes", "fork,prefork"],
-            "[possible values: fork, thread]",
+            "[possible values: fork, thread, event]",
         ),
         (&["rate"], "not provided: --addr <ADDR>"),
         (
