@@ -2,17 +2,21 @@
 //! unchanged, in order, until the client closes its side; then the rest is
 //! sent and the connection closed.
 //!
-//! Every concurrency model calls [`serve`]; nothing here knows whether it
-//! runs in a child process or a thread. Memory is bounded by the one buffer
-//! the caller lends, whatever the length of the stream. A half-close by the
-//! client is honoured: its FIN ends reading, and everything read before it
-//! still goes back.
+//! Every concurrency model runs one [`Session`] per connection: fork and
+//! thread mode through [`serve`], which drives it over a blocking socket,
+//! and event mode (`crate::event`) on readiness over a non-blocking one.
+//! Nothing here knows whether it runs in a child process, a thread or an
+//! event loop. Memory is bounded by the one buffer the caller lends,
+//! whatever the length of the stream. A half-close by the client is
+//! honoured: its FIN ends reading, and everything read before it still
+//! goes back.
 //!
-//! The idle timeout is the socket's SO_RCVTIMEO and SO_SNDTIMEO (set on the
-//! listener, whose accepted sockets inherit them): a read that
-//! waits that long for a byte, or a write that cannot hand the kernel a
-//! single byte for that long (a client that stopped reading), ends the
-//! connection. Any progress starts the clock again.
+//! In [`serve`] the idle timeout is the socket's SO_RCVTIMEO and
+//! SO_SNDTIMEO (set on the listener, whose accepted sockets inherit them):
+//! a read that waits that long for a byte, or a write that cannot hand the
+//! kernel a single byte for that long (a client that stopped reading), ends
+//! the connection. Any progress starts the clock again. The event loop
+//! keeps the same rule with timers ([`Session::moved`] tells it progress).
 
 use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
@@ -403,6 +407,65 @@ mod tests {
             &Watch::counting(&AtomicU64::new(0)),
         );
         assert_eq!(out.end, End::Silent, "nothing sent: silent, not idle");
+    }
+
+    #[test]
+    fn a_session_on_a_non_blocking_socket_waits_to_write_and_goes_on() {
+        let (mut client, server) = pair();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let echoed = AtomicU64::new(0);
+        let mut s = Session::new();
+        let mut buf = vec![MaybeUninit::uninit(); 64 << 10];
+        assert_eq!(s.advance(fd, &mut buf, 0, &echoed), Step::Wait(Want::Read));
+        assert_eq!(s.timed_out(), End::Silent);
+        // The client sends without reading until the server's sends block.
+        client.set_nonblocking(true).unwrap();
+        let chunk = vec![9u8; 64 << 10];
+        let mut sent = 0usize;
+        let step = loop {
+            if let Ok(n) = client.write(&chunk) {
+                sent += n;
+            }
+            match s.advance(fd, &mut buf, 0, &echoed) {
+                Step::Echoed | Step::Wait(Want::Read) => continue,
+                step => break step,
+            }
+        };
+        assert_eq!(step, Step::Wait(Want::Write));
+        let held = s.pending();
+        assert!(!held.is_empty());
+        // The rest moves to a buffer of its own, as the event loop does it.
+        let mut own: Vec<MaybeUninit<u8>> = buf[held.clone()].to_vec();
+        s.moved_pending_to_start();
+        assert_eq!(s.pending(), 0..held.len());
+        assert_eq!(s.timed_out(), End::IdleTimeout);
+        // Once the client reads, everything comes back and the session goes on.
+        client.set_nonblocking(false).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).unwrap();
+            back
+        });
+        let end = loop {
+            let step = match s.pending().is_empty() {
+                false => s.advance(fd, &mut own, 0, &echoed),
+                true => s.advance(fd, &mut buf, 0, &echoed),
+            };
+            match step {
+                Step::Done(end) => break end,
+                Step::Wait(_) => std::thread::sleep(Duration::from_millis(1)),
+                Step::Echoed => {}
+            }
+        };
+        assert_eq!(end, End::Closed);
+        drop(server);
+        let back = reader.join().unwrap();
+        assert_eq!(back.len(), sent);
+        assert!(back.iter().all(|&b| b == 9));
+        assert_eq!(s.bytes(), sent as u64);
+        assert_eq!(echoed.load(Ordering::Relaxed), sent as u64);
     }
 
     /// Run `client` against `serve` with a long-lived hook; how many times did it run?

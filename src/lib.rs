@@ -35,8 +35,10 @@
 //! - [`error`]: start-up errors and the documented exit codes.
 //! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
-//! A new model (a prefork pool, an event loop) is one new file implementing
-//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`].
+//! A new model (a prefork pool) is one new file implementing
+//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`]; a model
+//! that works inside the dispatcher's thread, as [`event`] does, joins its
+//! poll loop through [`model::Model::poll_fd`].
 //!
 //! The fork path, in the order it runs: [`dispatcher`] accepts and calls
 //! [`fork::ForkModel`]'s `start`, which forks; the child runs
