@@ -18,12 +18,13 @@
 //! the connection. Any progress starts the clock again. The event loop
 //! keeps the same rule with timers ([`Session::moved`] tells it progress).
 
-use std::io::{self, ErrorKind};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use nix::errno::Errno;
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +201,12 @@ impl Session {
     /// send or receive that would block, at the end, or when a chunk is
     /// wholly sent. `buf` must hold the pending bytes, if any, at
     /// [`Session::pending`]; it need not be initialised otherwise.
+    ///
+    /// Always inlined, and errors read as raw errno values: a forked child
+    /// pays a page fault for each page of code it runs first, and this keeps
+    /// fork mode's path as compact as before the state machine
+    /// (`tests/static_build.rs` holds the budget).
+    #[inline(always)]
     pub fn advance(
         &mut self,
         fd: RawFd,
@@ -222,11 +229,10 @@ impl Session {
                     // follows when the caller closes the socket.
                     return Step::Done(End::Closed);
                 }
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    ErrorKind::Interrupted => continue,
-                    ErrorKind::WouldBlock => return Step::Wait(Want::Read),
-                    _ => return Step::Done(self.classify_error(&e)),
+                match Errno::last_raw() {
+                    libc::EINTR => continue,
+                    libc::EAGAIN => return Step::Wait(Want::Read),
+                    e => return Step::Done(self.classify_errno(e)),
                 }
             }
         }
@@ -250,21 +256,24 @@ impl Session {
             if k == 0 {
                 return Step::Done(End::Reset);
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::Interrupted => continue,
-                ErrorKind::WouldBlock => return Step::Wait(Want::Write),
-                _ => return Step::Done(self.classify_error(&e)),
+            match Errno::last_raw() {
+                libc::EINTR => continue,
+                libc::EAGAIN => return Step::Wait(Want::Write),
+                e => return Step::Done(self.classify_errno(e)),
             }
         }
         (self.from, self.to) = (0, 0);
         Step::Echoed
     }
 
-    fn classify_error(&self, e: &io::Error) -> End {
-        match classify(e) {
-            End::IdleTimeout if !self.received() => End::Silent,
-            end => end,
+    /// How an error (errno) on the socket ends the connection.
+    fn classify_errno(&self, errno: i32) -> End {
+        match errno {
+            libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED => End::Reset,
+            // SO_RCVTIMEO / SO_SNDTIMEO expired (EAGAIN is a Wait), or keepalive.
+            libc::ETIMEDOUT if self.received() => End::IdleTimeout,
+            libc::ETIMEDOUT => End::Silent,
+            e => End::Error(e),
         }
     }
 }
@@ -343,17 +352,6 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
             // The first byte's timeout, or the short one, gives way to the idle one.
             let _ = sock.set_read_timeout(watch.idle);
         }
-    }
-}
-
-fn classify(e: &io::Error) -> End {
-    match e.kind() {
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            End::Reset
-        }
-        // SO_RCVTIMEO / SO_SNDTIMEO expired: EAGAIN.
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => End::IdleTimeout,
-        _ => End::Error(e.raw_os_error().unwrap_or(0)),
     }
 }
 
