@@ -285,9 +285,19 @@ fn fork_failure_backs_off_without_spinning_and_recovers() {
 
 #[test]
 fn emfile_in_thread_mode_backs_off_and_recovers() {
+    emfile_backs_off_and_recovers("thread");
+}
+
+/// Event mode holds a descriptor per connection as thread mode does.
+#[test]
+fn emfile_in_event_mode_backs_off_and_recovers() {
+    emfile_backs_off_and_recovers("event");
+}
+
+fn emfile_backs_off_and_recovers(mode: &str) {
     // A hard descriptor limit of 16: forkd cannot raise it, and runs out.
     let cmd = forkd_with_limit(libc::RLIMIT_NOFILE, 16);
-    let f = Forkd::start_with(cmd, &["--mode", "thread"]);
+    let f = Forkd::start_with(cmd, &["--mode", mode]);
     let mut held = Vec::new();
     for i in 0..24u8 {
         held.push(connect(f.addr()));
