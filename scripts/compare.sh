@@ -47,6 +47,6 @@ dynamic) forkd="$bin/forkd" ;;
 *) echo "compare.sh: LINK must be static or dynamic" >&2; exit 64 ;;
 esac
 exec "$bin/forkd-load" compare --forkd "$forkd" \
-	--modes fork,thread --floor --peers \
+	--modes fork,thread,event --floor --peers \
 	--duration "${DURATION:-10s}" --hold "${HOLD:-2000}" \
 	--out "$out" "$@"

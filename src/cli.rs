@@ -29,6 +29,8 @@ pub enum Mode {
     Thread,
     /// A pool of worker processes forked at start, each serving one connection at a time.
     Prefork,
+    /// One epoll loop over every connection, in the dispatcher's one thread.
+    Event,
 }
 
 /// When the fork-mode dispatcher collects its finished children.

@@ -171,7 +171,8 @@ impl<M: Model> Dispatcher<M> {
         let sources = Sources::new(settings.sources, settings.max_conns)
             .map_err(|e| Error::os("cannot map the per-source counts", e))?;
         // SAFETY: all-zero is a valid pollfd (plain integers).
-        let room = 1 + listeners.len() + crate::udp::MAX_SOCKETS + HOOK_ENTRIES;
+        // The wake-up pipe, the model's descriptor, the listeners, UDP, hooks.
+        let room = 2 + listeners.len() + crate::udp::MAX_SOCKETS + HOOK_ENTRIES;
         let pollfds = unsafe { crate::memory::private::<libc::pollfd>(room) }
             .map_err(|e| Error::os("cannot map the poll set", e))?;
         let proxy = match settings.proxy.clone() {
@@ -238,6 +239,9 @@ impl<M: Model> Dispatcher<M> {
             if self.wait(accepting, timeout)? {
                 let pending = self.signals.take();
                 self.on_signals(pending);
+            }
+            if self.model_ready(Instant::now()) {
+                self.model.on_ready();
             }
             let why = if self.stopping.is_some() || self.full() {
                 Collect::NeedRoom
@@ -315,9 +319,10 @@ impl<M: Model> Dispatcher<M> {
         }
     }
 
-    /// Poll the wake-up pipe and (when accepting) the listeners; returns
-    /// whether the pipe was readable. Which listeners are readable is left
-    /// in `self.pollfds` (see [`Self::listener_ready`]).
+    /// Poll the wake-up pipe, the model's descriptor if it has one, and
+    /// (when accepting) the listeners; returns whether the pipe was
+    /// readable. Which others are readable is left in `self.pollfds` (see
+    /// [`Self::listener_ready`], [`Self::model_ready`]).
     fn wait(&mut self, accepting: bool, timeout: PollTimeout) -> Result<bool, Error> {
         let entry = |fd: i32| libc::pollfd {
             fd,
@@ -325,15 +330,17 @@ impl<M: Model> Dispatcher<M> {
             revents: 0,
         };
         self.pollfds[0] = entry(self.signals.fd());
-        self.polled = 1;
+        // A negative descriptor: poll skips the entry.
+        self.pollfds[1] = entry(self.model.poll_fd().unwrap_or(-1));
+        self.polled = 2;
         if accepting {
             for (i, l) in self.listeners.iter().enumerate() {
-                self.pollfds[1 + i] = entry(l.as_fd().as_raw_fd());
+                self.pollfds[2 + i] = entry(l.as_fd().as_raw_fd());
             }
             self.polled += self.listeners.len();
         }
         // Listeners not polled now are skipped (fd -1); the rest go after them.
-        let at = 1 + self.listeners.len();
+        let at = 2 + self.listeners.len();
         self.pollfds[self.polled..at]
             .iter_mut()
             .for_each(|e| e.fd = -1);
@@ -377,7 +384,12 @@ impl<M: Model> Dispatcher<M> {
 
     /// Did the last poll find listener `i` readable?
     fn listener_ready(&self, i: usize) -> bool {
-        i < self.listeners.len() && self.pollfds[i + 1].revents != 0
+        i < self.listeners.len() && self.pollfds[i + 2].revents != 0
+    }
+
+    /// Has the model work: its descriptor was readable, or its deadline came?
+    fn model_ready(&self, now: Instant) -> bool {
+        self.pollfds[1].revents != 0 || self.model.next_deadline().is_some_and(|t| t <= now)
     }
 
     /// How long poll may sleep: until the next deadline, if any.
@@ -390,6 +402,9 @@ impl<M: Model> Dispatcher<M> {
             consider(now + Duration::from_millis(100));
         }
         if let Some(t) = self.proxy.as_ref().and_then(|p| p.next_deadline()) {
+            consider(t);
+        }
+        if let Some(t) = self.model.next_deadline() {
             consider(t);
         }
         if let Some(t) = self.upgrade.as_ref().and_then(|u| u.deadline()) {
@@ -557,7 +572,8 @@ impl<M: Model> Dispatcher<M> {
                 }
             }
             self.collect(Collect::BeforeAccept);
-            let (conn, peer) = match self.listeners[i].accept() {
+            let nonblocking = self.model.nonblocking();
+            let (conn, peer) = match self.listeners[i].accept(nonblocking) {
                 Ok(c) => c,
                 Err(Errno::EAGAIN) => return,
                 // The client gave up between SYN and accept, or a signal: try the next.

@@ -2,24 +2,29 @@
 //! unchanged, in order, until the client closes its side; then the rest is
 //! sent and the connection closed.
 //!
-//! Every concurrency model calls [`serve`]; nothing here knows whether it
-//! runs in a child process or a thread. Memory is bounded by the one buffer
-//! the caller lends, whatever the length of the stream. A half-close by the
-//! client is honoured: its FIN ends reading, and everything read before it
-//! still goes back.
+//! Every concurrency model runs one [`Session`] per connection: fork and
+//! thread mode through [`serve`], which drives it over a blocking socket,
+//! and event mode (`crate::event`) on readiness over a non-blocking one.
+//! Nothing here knows whether it runs in a child process, a thread or an
+//! event loop. Memory is bounded by the one buffer the caller lends,
+//! whatever the length of the stream. A half-close by the client is
+//! honoured: its FIN ends reading, and everything read before it still
+//! goes back.
 //!
-//! The idle timeout is the socket's SO_RCVTIMEO and SO_SNDTIMEO (set on the
-//! listener, whose accepted sockets inherit them): a read that
-//! waits that long for a byte, or a write that cannot hand the kernel a
-//! single byte for that long (a client that stopped reading), ends the
-//! connection. Any progress starts the clock again.
+//! In [`serve`] the idle timeout is the socket's SO_RCVTIMEO and
+//! SO_SNDTIMEO (set on the listener, whose accepted sockets inherit them):
+//! a read that waits that long for a byte, or a write that cannot hand the
+//! kernel a single byte for that long (a client that stopped reading), ends
+//! the connection. Any progress starts the clock again. The event loop
+//! keeps the same rule with timers ([`Session::moved`] tells it progress).
 
-use std::io::{self, ErrorKind, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use nix::errno::Errno;
 
 /// How a connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +115,181 @@ impl<'a> Watch<'a> {
     }
 }
 
+/// Which way a [`Session`] waits for its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// For the client to send (a receive would block, or timed out).
+    Read,
+    /// For the client to take its echo (a send would block, or timed out).
+    Write,
+}
+
+/// What one [`Session::advance`] came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A chunk was received and all of it sent back (or the rest of one held
+    /// back was sent): call again.
+    Echoed,
+    /// The socket would block (a blocking socket: its timeout expired).
+    Wait(Want),
+    /// The connection is over.
+    Done(End),
+}
+
+/// One connection's echo as a small state machine, the same for every
+/// model: the blocking ones ([`serve`]) drive it in a loop on a blocking
+/// socket, the event loop (`crate::event`) on readiness over a
+/// non-blocking one. Only [`Session::advance`] moves bytes, so what is
+/// echoed, how a half-close and each error end a connection, and what is
+/// counted cannot drift apart between models.
+///
+/// The rule: a chunk is read only when every byte of the last one went
+/// back. A client that does not read its echo is therefore not read from
+/// either (backpressure): it costs at most one chunk, whatever it sends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Bytes sent back so far.
+    bytes: u64,
+    /// Bytes received so far.
+    received: u64,
+    /// The chunk being sent back: `buf[from..to]` of the caller's buffer.
+    from: usize,
+    to: usize,
+}
+
+impl Session {
+    pub fn new() -> Session {
+        Session::default()
+    }
+
+    /// Bytes sent back so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Has any byte come from the client?
+    pub fn received(&self) -> bool {
+        self.received > 0
+    }
+
+    /// Bytes moved either way so far: it changes exactly when the connection
+    /// made progress (for idle timers).
+    pub fn moved(&self) -> u64 {
+        self.bytes + self.received
+    }
+
+    /// The bytes received and not yet sent back, as a range of the buffer
+    /// last given to [`Session::advance`].
+    pub fn pending(&self) -> std::ops::Range<usize> {
+        self.from..self.to
+    }
+
+    /// The pending bytes now sit at the start of another buffer (the event
+    /// loop moves them out of its shared one into the connection's own).
+    pub fn moved_pending_to_start(&mut self) {
+        self.to -= self.from;
+        self.from = 0;
+    }
+
+    /// How a connection that timed out waiting for its client ends.
+    pub fn timed_out(&self) -> End {
+        if self.received() {
+            End::IdleTimeout
+        } else {
+            End::Silent
+        }
+    }
+
+    /// The result so far, ended by `end`.
+    pub fn outcome(&self, end: End) -> Outcome {
+        Outcome {
+            bytes: self.bytes,
+            end,
+        }
+    }
+
+    /// Send back what is pending; if nothing is, receive one chunk (with
+    /// `recv_flags`) into `buf` and send it back. Returns at the first
+    /// send or receive that would block, at the end, or when a chunk is
+    /// wholly sent. `buf` must hold the pending bytes, if any, at
+    /// [`Session::pending`]; it need not be initialised otherwise.
+    ///
+    /// Always inlined, and errors read as raw errno values: a forked child
+    /// pays a page fault for each page of code it runs first, and this keeps
+    /// fork mode's path as compact as before the state machine
+    /// (`tests/static_build.rs` holds the budget).
+    #[inline(always)]
+    pub fn advance(
+        &mut self,
+        fd: RawFd,
+        buf: &mut [MaybeUninit<u8>],
+        recv_flags: libc::c_int,
+        echoed: &AtomicU64,
+    ) -> Step {
+        if self.from == self.to {
+            loop {
+                // SAFETY: recv(2) writes at most `buf.len()` bytes into
+                // `buf`, which is valid for writes of that length.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), recv_flags) };
+                if n > 0 {
+                    self.received += n as u64;
+                    (self.from, self.to) = (0, n as usize);
+                    break;
+                }
+                if n == 0 {
+                    // The client's FIN, and every byte went back. Our FIN
+                    // follows when the caller closes the socket.
+                    return Step::Done(End::Closed);
+                }
+                match Errno::last_raw() {
+                    libc::EINTR => continue,
+                    libc::EAGAIN => return Step::Wait(Want::Read),
+                    e => return Step::Done(self.classify_errno(e)),
+                }
+            }
+        }
+        while self.from < self.to {
+            // SAFETY: `buf[from..to]` was initialised by the kernel (a recv
+            // into this buffer, or a copy of such bytes).
+            let data = unsafe {
+                std::slice::from_raw_parts(
+                    buf[self.from..].as_ptr().cast::<u8>(),
+                    self.to - self.from,
+                )
+            };
+            // SAFETY: send(2) reads at most `data.len()` bytes of `data`.
+            let k = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+            if k > 0 {
+                self.from += k as usize;
+                self.bytes += k as u64;
+                echoed.store(self.bytes, Ordering::Relaxed);
+                continue;
+            }
+            if k == 0 {
+                return Step::Done(End::Reset);
+            }
+            match Errno::last_raw() {
+                libc::EINTR => continue,
+                libc::EAGAIN => return Step::Wait(Want::Write),
+                e => return Step::Done(self.classify_errno(e)),
+            }
+        }
+        (self.from, self.to) = (0, 0);
+        Step::Echoed
+    }
+
+    /// How an error (errno) on the socket ends the connection.
+    fn classify_errno(&self, errno: i32) -> End {
+        match errno {
+            libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED => End::Reset,
+            // SO_RCVTIMEO / SO_SNDTIMEO expired (EAGAIN is a Wait), or keepalive.
+            libc::ETIMEDOUT if self.received() => End::IdleTimeout,
+            libc::ETIMEDOUT => End::Silent,
+            e => End::Error(e),
+        }
+    }
+}
+
 /// Echo everything on `sock` back to it until the client closes, using
 /// `buf`, and report as `watch` asks.
 ///
@@ -123,13 +303,13 @@ impl<'a> Watch<'a> {
 /// connections a second, `forkd-load rate`); a non-blocking receive and a
 /// `setsockopt` before each first wait still cost fork mode measurably.
 pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_>) -> Outcome {
-    let mut bytes = 0u64;
-    let mut received = false;
+    let fd = sock.as_raw_fd();
+    let mut session = Session::new();
     let mut hook = watch.on_long_lived;
     // The receive timeout the socket has now: set only when it must change.
     let mut timeout = watch.starts_with;
     loop {
-        let real = if received {
+        let real = if session.received() {
             watch.idle
         } else {
             watch.first_byte
@@ -137,11 +317,12 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
         if hook.is_none() {
             set_receive_timeout(sock, &mut timeout, real);
         }
-        let data = match receive(sock, buf, 0) {
-            Ok([]) => break,
-            Ok(data) => data,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && hook.is_some() => {
+        match session.advance(fd, buf, 0, watch.echoed) {
+            Step::Echoed => {}
+            Step::Done(end) => return session.outcome(end),
+            // SO_SNDTIMEO expired: the client took nothing for the idle timeout.
+            Step::Wait(Want::Write) => return session.outcome(End::IdleTimeout),
+            Step::Wait(Want::Read) if hook.is_some() => {
                 // The short timeout ran out.
                 let waited = timeout.unwrap_or(PATIENCE);
                 if waited >= PATIENCE
@@ -154,53 +335,11 @@ pub fn serve(sock: &mut TcpStream, buf: &mut [MaybeUninit<u8>], watch: &Watch<'_
                     set_receive_timeout(sock, &mut timeout, real);
                     continue;
                 }
-                return Outcome {
-                    bytes,
-                    end: if received {
-                        End::IdleTimeout
-                    } else {
-                        End::Silent
-                    },
-                };
+                return session.outcome(session.timed_out());
             }
-            Err(e) => {
-                let end = match classify(&e) {
-                    End::IdleTimeout if !received => End::Silent,
-                    end => end,
-                };
-                return Outcome { bytes, end };
-            }
-        };
-        received = true;
-        let mut sent = 0;
-        while sent < data.len() {
-            match sock.write(&data[sent..]) {
-                Ok(0) => {
-                    return Outcome {
-                        bytes,
-                        end: End::Reset,
-                    };
-                }
-                Ok(k) => {
-                    sent += k;
-                    bytes += k as u64;
-                    watch.echoed.store(bytes, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Outcome {
-                        bytes,
-                        end: classify(&e),
-                    };
-                }
-            }
+            // SO_RCVTIMEO expired.
+            Step::Wait(Want::Read) => return session.outcome(session.timed_out()),
         }
-    }
-    // The client's FIN arrived and every byte went back. Our FIN follows
-    // when the caller closes the socket (a child's exit, a thread's end).
-    Outcome {
-        bytes,
-        end: End::Closed,
     }
 }
 
@@ -229,37 +368,10 @@ fn set_receive_timeout(sock: &TcpStream, now: &mut Option<Duration>, want: Optio
     };
 }
 
-/// One recv(2) into `buf`; returns the bytes received (empty at end of stream).
-fn receive<'a>(
-    sock: &TcpStream,
-    buf: &'a mut [MaybeUninit<u8>],
-    flags: libc::c_int,
-) -> io::Result<&'a [u8]> {
-    // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which is
-    // valid for writes of that length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel initialised the first `n` bytes of `buf`.
-    Ok(unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n as usize) })
-}
-
-fn classify(e: &io::Error) -> End {
-    match e.kind() {
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            End::Reset
-        }
-        // SO_RCVTIMEO / SO_SNDTIMEO expired: EAGAIN.
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => End::IdleTimeout,
-        _ => End::Error(e.raw_os_error().unwrap_or(0)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener};
 
     fn pair() -> (TcpStream, TcpStream) {
@@ -357,5 +469,64 @@ mod tests {
             c.shutdown(Shutdown::Write).unwrap();
         });
         assert_eq!((calls, out.end, out.bytes), (1, End::Closed, 10));
+    }
+
+    #[test]
+    fn a_session_on_a_non_blocking_socket_waits_to_write_and_goes_on() {
+        let (mut client, server) = pair();
+        server.set_nonblocking(true).unwrap();
+        let fd = server.as_raw_fd();
+        let echoed = AtomicU64::new(0);
+        let mut s = Session::new();
+        let mut buf = vec![MaybeUninit::uninit(); 64 << 10];
+        assert_eq!(s.advance(fd, &mut buf, 0, &echoed), Step::Wait(Want::Read));
+        assert_eq!(s.timed_out(), End::Silent);
+        // The client sends without reading until the server's sends block.
+        client.set_nonblocking(true).unwrap();
+        let chunk = vec![9u8; 64 << 10];
+        let mut sent = 0usize;
+        let step = loop {
+            if let Ok(n) = client.write(&chunk) {
+                sent += n;
+            }
+            match s.advance(fd, &mut buf, 0, &echoed) {
+                Step::Echoed | Step::Wait(Want::Read) => continue,
+                step => break step,
+            }
+        };
+        assert_eq!(step, Step::Wait(Want::Write));
+        let held = s.pending();
+        assert!(!held.is_empty());
+        // The rest moves to a buffer of its own, as the event loop does it.
+        let mut own: Vec<MaybeUninit<u8>> = buf[held.clone()].to_vec();
+        s.moved_pending_to_start();
+        assert_eq!(s.pending(), 0..held.len());
+        assert_eq!(s.timed_out(), End::IdleTimeout);
+        // Once the client reads, everything comes back and the session goes on.
+        client.set_nonblocking(false).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).unwrap();
+            back
+        });
+        let end = loop {
+            let step = match s.pending().is_empty() {
+                false => s.advance(fd, &mut own, 0, &echoed),
+                true => s.advance(fd, &mut buf, 0, &echoed),
+            };
+            match step {
+                Step::Done(end) => break end,
+                Step::Wait(_) => std::thread::sleep(Duration::from_millis(1)),
+                Step::Echoed => {}
+            }
+        };
+        assert_eq!(end, End::Closed);
+        drop(server);
+        let back = reader.join().unwrap();
+        assert_eq!(back.len(), sent);
+        assert!(back.iter().all(|&b| b == 9));
+        assert_eq!(s.bytes(), sent as u64);
+        assert_eq!(echoed.load(Ordering::Relaxed), sent as u64);
     }
 }

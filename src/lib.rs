@@ -19,7 +19,8 @@
 //! - [`worker`]: prefork mode, a worker (its wait, limits, echo, end lines).
 //! - [`scoreboard`]: what prefork workers share (untrusted; reports and
 //!   per-source limits only).
-//! - [`echo`]: the echo handler every model calls.
+//! - [`event`]: event mode, one epoll loop over every connection.
+//! - [`echo`]: the echo handler every model runs ([`echo::Session`]).
 //! - [`exit_code`]: what a connection process's exit code means.
 //! - [`inetd`]: `--inetd`, one connection on stdin for systemd `Accept=yes`.
 //! - [`table`]: the dispatcher's private table of live connections.
@@ -44,10 +45,11 @@
 //! - [`error`]: start-up errors and the documented exit codes.
 //! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
-//! A new model (an event loop) is one new file implementing
-//! [`model::Model`], plus its line in [`cli::Mode`] and [`server`]. Prefork
-//! is the exception: its parent never accepts, so it has its own loop
-//! ([`prefork`]) rather than the dispatcher's.
+//! A new model is one new file implementing [`model::Model`], plus its line
+//! in [`cli::Mode`] and [`server`]; a model that works inside the
+//! dispatcher's thread, as [`event`] does, joins its poll loop through
+//! [`model::Model::poll_fd`]. Prefork is the exception: its parent never
+//! accepts, so it has its own loop ([`prefork`]) rather than the dispatcher's.
 //!
 //! The fork path, in the order it runs: [`dispatcher`] accepts and calls
 //! [`fork::ForkModel`]'s `start`, which forks; the child runs
@@ -62,6 +64,7 @@ pub mod counters;
 pub mod dispatcher;
 pub mod echo;
 pub mod error;
+pub mod event;
 pub mod events;
 pub mod exit_code;
 pub mod fork;

@@ -12,8 +12,9 @@ use crate::error::Error;
 /// - `--max-conns` above the tasks the kernel can ever run: every
 ///   connection is a process (fork mode) or a thread (thread mode), and each
 ///   takes a pid (`kernel.pid_max`) and a task (`kernel.threads-max`); the
-///   dispatcher is one more. In thread mode each connection also holds a
-///   descriptor, and no process can have more than `fs.nr_open`.
+///   dispatcher is one more. In thread and event mode each connection
+///   holds a descriptor of the dispatcher's, and no process can have more
+///   than `fs.nr_open` (event mode's only ceiling: a connection is no task).
 /// - in thread mode, a `--thread-stack` no thread can be created with (the
 ///   address space or memory cannot hold it): one thread is created with it
 ///   and joined, so the refusal carries the kernel's reason.
@@ -23,11 +24,12 @@ use crate::error::Error;
 /// raised while forkd runs.
 pub fn check_start(config: &Config) -> Result<(), Error> {
     // (sysctl, why it bounds connections, what the dispatcher itself takes)
-    let mut ceilings = vec![
-        ("kernel.pid_max", "each connection takes a pid", 1),
-        ("kernel.threads-max", "each connection is a task", 1),
-    ];
-    if config.mode == Mode::Thread {
+    let mut ceilings = vec![];
+    if config.mode != Mode::Event {
+        ceilings.push(("kernel.pid_max", "each connection takes a pid", 1));
+        ceilings.push(("kernel.threads-max", "each connection is a task", 1));
+    }
+    if config.mode != Mode::Fork {
         ceilings.push(("fs.nr_open", "each connection holds a descriptor", 64));
     }
     let n = config.max_conns as u64;

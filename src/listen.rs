@@ -93,12 +93,14 @@ impl Listener {
         })
     }
 
-    /// Accept one connection: a blocking, close-on-exec socket and its peer.
+    /// Accept one connection: a close-on-exec socket, blocking unless
+    /// `nonblocking`, and its peer.
     ///
     /// One `accept4` call, which also returns the peer's address (no
-    /// separate `getpeername`). `EAGAIN` means nothing is waiting.
-    pub fn accept(&self) -> nix::Result<(OwnedFd, SocketAddr)> {
-        accept_on(self.fd.as_fd())
+    /// separate `getpeername`) and sets the flags (no `fcntl`). `EAGAIN`
+    /// means nothing is waiting.
+    pub fn accept(&self, nonblocking: bool) -> nix::Result<(OwnedFd, SocketAddr)> {
+        accept_on(self.fd.as_fd(), nonblocking)
     }
 
     /// Stop listening, for every process that holds this socket (prefork
@@ -110,7 +112,10 @@ impl Listener {
 }
 
 /// [`Listener::accept`] on any listening socket (a prefork worker's copy).
-pub fn accept_on(listener: BorrowedFd<'_>) -> nix::Result<(OwnedFd, SocketAddr)> {
+pub fn accept_on(
+    listener: BorrowedFd<'_>,
+    nonblocking: bool,
+) -> nix::Result<(OwnedFd, SocketAddr)> {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
     let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -121,7 +126,7 @@ pub fn accept_on(listener: BorrowedFd<'_>) -> nix::Result<(OwnedFd, SocketAddr)>
             listener.as_raw_fd(),
             (&raw mut storage).cast(),
             &mut len,
-            libc::SOCK_CLOEXEC,
+            libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 },
         )
     };
     if fd < 0 {

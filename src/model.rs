@@ -8,8 +8,9 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use nix::sys::signal::Signal;
 
@@ -43,6 +44,25 @@ pub trait Model {
     /// holds its slot, but there is nothing left to stop.
     fn finished(&self, _id: u64) -> bool {
         false
+    }
+    /// Whether the model wants its connections non-blocking (set at accept).
+    fn nonblocking(&self) -> bool {
+        false
+    }
+    /// A descriptor for the dispatcher's poll set, for a model that does
+    /// its work in the dispatcher's thread (the event loop's epoll
+    /// descriptor): when it is readable, or [`Model::next_deadline`] has
+    /// come, the dispatcher calls [`Model::on_ready`], then collects.
+    fn poll_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Do the work that is ready or due (see [`Model::poll_fd`]), without
+    /// blocking; ends found are reported by the next [`Model::collect`].
+    fn on_ready(&mut self) {}
+    /// When the model next needs [`Model::on_ready`] even if its descriptor
+    /// stays quiet (a timer).
+    fn next_deadline(&self) -> Option<Instant> {
+        None
     }
     /// Last call before forkd exits: report everything still unreported.
     fn finish(&mut self, ended: &mut dyn FnMut(u64, How)) {

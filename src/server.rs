@@ -17,6 +17,7 @@ use crate::child::{self, ChildSetup};
 use crate::cli::{Config, Mode, ReapMode};
 use crate::dispatcher::{Dispatcher, Settings};
 use crate::error::{EXIT_OK, Error};
+use crate::event::EventModel;
 use crate::fork::ForkModel;
 use crate::listen::Listener;
 use crate::model::Model;
@@ -121,6 +122,16 @@ pub fn run(config: Config) -> Result<u8, Error> {
                 activated,
             };
             prefork(config, bound, settings, nofile)
+        }
+        Mode::Event => {
+            let model = EventModel::new(config.buffer, config.first_byte(), config.idle())
+                .map_err(|e| Error::os("cannot create the epoll instance", e))?;
+            let bound = Bound {
+                listeners,
+                udp,
+                activated,
+            };
+            serve(&config, model, Children::None, bound, settings, nofile)
         }
     }
 }
@@ -237,6 +248,7 @@ fn serve<M: Model>(
         Mode::Fork => format!("fork, reap {:?}", config.reap).to_lowercase(),
         Mode::Thread => "thread".to_string(),
         Mode::Prefork => "prefork".to_string(),
+        Mode::Event => "event".to_string(),
     };
     let udp_names: Vec<(String, SocketAddr)> = udp
         .sockets()
@@ -291,7 +303,7 @@ fn announce(
         }
     }
     match nofile {
-        Ok(n) if (n as usize) < config.max_conns + 64 && config.mode == Mode::Thread => warn!(
+        Ok(n) if (n as usize) < config.max_conns + 64 && config.mode != Mode::Fork => warn!(
             "descriptor limit {n} is below --max-conns {}: accepts will pause when it runs out",
             config.max_conns
         ),

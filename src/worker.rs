@@ -323,7 +323,7 @@ fn listener_name(fd: RawFd) -> String {
 fn accept(listener: RawFd) -> Result<(OwnedFd, SocketAddr), i32> {
     // SAFETY: the listener is open for the life of the worker.
     let l = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener) };
-    crate::listen::accept_on(l).map_err(|e| e as i32)
+    crate::listen::accept_on(l, false).map_err(|e| e as i32)
 }
 
 /// Close every descriptor above stderr but those in `keep`.

@@ -69,7 +69,7 @@ fn defaults_limit_one_address_to_32_connections() {
 
 #[test]
 fn a_network_is_limited_and_its_neighbours_are_not() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&[
             "--mode",
             mode,
@@ -141,7 +141,7 @@ fn nearly_full_new_connections_are_dropped_early_not_queued() {
 #[test]
 fn an_honest_client_is_served_while_slow_connections_attack_from_one_net() {
     raise_nofile();
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start_exact(&[
             "--print-addr",
             "--log",

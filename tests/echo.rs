@@ -20,7 +20,12 @@ fn binary_and_ten_mebibytes_come_back_unchanged() {
 #[test]
 fn thread_mode_and_a_tiny_buffer_echo_unchanged_too() {
     let data = pattern(10 << 20, 2);
-    for args in [&["--mode", "thread"][..], &["--buffer", "7"][..]] {
+    for args in [
+        &["--mode", "thread"][..],
+        &["--buffer", "7"][..],
+        &["--mode", "event"][..],
+        &["--mode", "event", "--buffer", "7"][..],
+    ] {
         let f = Forkd::start(args);
         let back = roundtrip(f.addr(), &data);
         f.check(back == data, &format!("10 MiB echo differs with {args:?}"));
@@ -33,7 +38,7 @@ fn thread_mode_and_a_tiny_buffer_echo_unchanged_too() {
 
 #[test]
 fn a_half_closed_client_gets_everything_then_the_end() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&["--mode", mode]);
         let mut s = connect(f.addr());
         ping(&mut s, b"first, interactively\n");

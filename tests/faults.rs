@@ -70,7 +70,7 @@ fn lines_with(log: &str, needle: &str) -> usize {
 #[test]
 fn per_ip_limit_refuses_extra_connections_and_releases_on_every_end() {
     // Prefork counts across its workers, on the scoreboard.
-    for mode in ["fork", "thread", "prefork"] {
+    for mode in ["fork", "thread", "prefork", "event"] {
         let f = Forkd::start(&["--mode", mode, "--max-per-ip", "2"]);
         let mut a = connect(f.addr());
         let mut b = connect(f.addr());
@@ -208,6 +208,13 @@ fn idle_timeout_thread() {
     idle_timeout_ends_silent_and_non_reading_clients("thread");
 }
 
+/// Event mode's timeouts are timers (socket timeouts do not apply to
+/// non-blocking sockets): the same ends, the same lines.
+#[test]
+fn idle_timeout_event() {
+    idle_timeout_ends_silent_and_non_reading_clients("event");
+}
+
 #[test]
 fn idle_timeout_prefork() {
     idle_timeout_ends_silent_and_non_reading_clients("prefork");
@@ -284,9 +291,19 @@ fn fork_failure_backs_off_without_spinning_and_recovers() {
 
 #[test]
 fn emfile_in_thread_mode_backs_off_and_recovers() {
+    emfile_backs_off_and_recovers("thread");
+}
+
+/// Event mode holds a descriptor per connection as thread mode does.
+#[test]
+fn emfile_in_event_mode_backs_off_and_recovers() {
+    emfile_backs_off_and_recovers("event");
+}
+
+fn emfile_backs_off_and_recovers(mode: &str) {
     // A hard descriptor limit of 16: forkd cannot raise it, and runs out.
     let cmd = forkd_with_limit(libc::RLIMIT_NOFILE, 16);
-    let f = Forkd::start_with(cmd, &["--mode", "thread"]);
+    let f = Forkd::start_with(cmd, &["--mode", mode]);
     let mut held = Vec::new();
     for i in 0..24u8 {
         held.push(connect(f.addr()));
@@ -335,7 +352,7 @@ fn emfile_in_thread_mode_backs_off_and_recovers() {
 
 #[test]
 fn sigterm_under_load_never_truncates_an_accepted_reply() {
-    for mode in ["fork", "thread", "prefork"] {
+    for mode in ["fork", "thread", "prefork", "event"] {
         let mut f = Forkd::start(&["--mode", mode, "--grace", "20s"]);
         let addr = f.addr();
         let stop = Arc::new(AtomicBool::new(false));
@@ -513,7 +530,7 @@ fn children_outlive_a_killed_dispatcher_unless_die_with_parent() {
 
 #[test]
 fn a_stalled_client_does_not_slow_a_100_mib_stream() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&["--mode", mode]);
         // The staller sends and never reads: its own connection backs up.
         let mut stall = connect(f.addr());
@@ -745,7 +762,7 @@ fn thread_mode_survives_buffers_memory_cannot_give() {
 
 #[test]
 fn a_client_that_sends_nothing_meets_the_shorter_first_byte_timeout() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&[
             "--mode",
             mode,

@@ -158,6 +158,11 @@ fn two_hundred_concurrent_clients_thread_mode() {
     two_hundred_clients("thread");
 }
 
+#[test]
+fn two_hundred_concurrent_clients_event_mode() {
+    two_hundred_clients("event");
+}
+
 // ---- the process tree
 
 #[test]
@@ -448,7 +453,7 @@ fn sigquit_kills_the_children_and_exits() {
 
 #[test]
 fn sigusr1_logs_a_status_line() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let f = Forkd::start(&["--mode", mode]);
         let _held = hold(f.addr(), 1);
         f.signal(libc::SIGUSR1);
@@ -456,6 +461,7 @@ fn sigusr1_logs_a_status_line() {
             "fork" => {
                 "status: mode fork (reap handler), active 1/1024, served 1, reaped 0, zombies 0"
             }
+            "event" => "status: mode event (epoll), active 1/1024, served 1, ended 0",
             _ => "status: mode thread, active 1/1024, served 1, ended 0",
         };
         f.check(
@@ -614,7 +620,7 @@ fn bad_arguments_exit_64_with_one_line() {
     check_error(
         &["--mode", "forks"],
         64,
-        "'--mode <MODE>' [possible values: fork, thread, prefork",
+        "'--mode <MODE>' [possible values: fork, thread, prefork, event]",
     );
     check_error(&["--mode", "prefork", "--workers", "0"], 64, "--workers");
     check_error(&["--reap"], 64, "'--reap <REAP>'");
@@ -677,7 +683,7 @@ fn durations_and_sizes_that_cannot_work_exit_64_naming_the_option() {
 /// SIGTERM with no connection open, exit 0, no panic.
 #[test]
 fn the_longest_durations_accepted_still_stop_cleanly() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event"] {
         let args = [
             "--mode",
             mode,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use util::*;
 
 const LONG: Duration = Duration::from_secs(15);
-const MODES: [&str; 2] = ["fork", "thread"];
+const MODES: [&str; 3] = ["fork", "thread", "event"];
 
 /// Is `signal` pending for `pid` (process-wide or for its main thread)?
 fn pending(pid: i32, signal: i32) -> bool {

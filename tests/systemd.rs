@@ -310,6 +310,13 @@ fn socket_activation_thread_ipv4_and_ipv6_named() {
     activated("thread", &hosts, Some(&names));
 }
 
+#[test]
+fn socket_activation_event_ipv4_and_ipv6_named() {
+    let hosts = both_families();
+    let names = ["echo4", "echo6"][..hosts.len()].join(":");
+    activated("event", &hosts, Some(&names));
+}
+
 /// `--inetd` under `systemd-socket-activate --inetd --accept`: one forkd
 /// process per connection, each echoing on its own stdin.
 #[test]
@@ -494,6 +501,11 @@ fn notify_ready_status_stopping_thread() {
     notifications("thread");
 }
 
+#[test]
+fn notify_ready_status_stopping_event() {
+    notifications("event");
+}
+
 /// NOTIFY_SOCKET may name an abstract socket (`@name`, sd_notify(3)).
 #[test]
 fn notify_over_an_abstract_socket() {
@@ -627,6 +639,11 @@ fn notify_socket_nobody_reads_never_blocks_fork() {
 #[test]
 fn notify_socket_nobody_reads_never_blocks_thread() {
     notify_socket_nobody_reads("thread");
+}
+
+#[test]
+fn notify_socket_nobody_reads_never_blocks_event() {
+    notify_socket_nobody_reads("event");
 }
 
 /// Run forkd with stderr to a file and JOURNAL_STREAM set by `journal`

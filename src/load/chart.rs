@@ -63,7 +63,8 @@ const PANELS: [Panel; 4] = [
     },
 ];
 
-/// The bar colour: forkd blue, floor grey, peers orange; thread models lighter.
+/// The bar colour: forkd blue, floor grey, peers orange; models that fork no
+/// process per connection (threads, an event loop) lighter.
 fn colour(family: &str, forks: bool) -> RGBColor {
     match (family, forks) {
         ("forkd", true) => RGBColor(31, 119, 180),
@@ -78,9 +79,13 @@ fn colour(family: &str, forks: bool) -> RGBColor {
 /// The legend's entries, in order: family, forks, what it means.
 const LEGEND: [(&str, bool, &str); 6] = [
     ("forkd", true, "forkd, a process per connection"),
-    ("forkd", false, "forkd, a thread per connection"),
+    (
+        "forkd",
+        false,
+        "forkd, a thread per connection or one event loop",
+    ),
     ("floor", true, "C floor server, fork"),
-    ("floor", false, "C floor server, thread"),
+    ("floor", false, "C floor server, thread or epoll"),
     ("peer", true, "other servers, a process per connection"),
     ("peer", false, "other servers, a thread per connection"),
 ];

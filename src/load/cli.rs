@@ -199,14 +199,19 @@ impl Workload {
 #[derive(ClapArgs, Debug, Clone)]
 pub struct CompareArgs {
     /// forkd modes to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "fork,thread")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fork,thread,event"
+    )]
     pub modes: Vec<Mode>,
 
     /// Also measure, when installed: Python's ForkingTCPServer and ThreadingTCPServer, socat, tcpserver.
     #[arg(long)]
     pub peers: bool,
 
-    /// Also measure three minimal C echo servers (fork, thread, UDP), built at run time with $CC $CFLAGS (default: cc -O2).
+    /// Also measure the minimal C echo server of each mode measured (fork, thread, prefork, epoll) and the UDP one, built at run time with $CC $CFLAGS (default: cc -O2).
     #[arg(long)]
     pub floor: bool,
 

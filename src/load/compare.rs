@@ -135,9 +135,12 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         }
     }
     if a.floor {
-        kinds.extend([Kind::FloorFork, Kind::FloorThread]);
-        if a.modes.contains(&crate::cli::Mode::Prefork) {
-            kinds.push(Kind::FloorPrefork);
+        // The floor of each model measured, after the forkd rows.
+        for m in &a.modes {
+            let floor = Kind::floor(*m);
+            if !kinds.contains(&floor) {
+                kinds.push(floor);
+            }
         }
         if a.workloads.contains(&Workload::Udp) {
             kinds.push(Kind::FloorUdp);

@@ -30,6 +30,7 @@ const FLOOR_FORK_C: &str = include_str!("../../benches/floor_fork.c");
 const FLOOR_THREAD_C: &str = include_str!("../../benches/floor_thread.c");
 const FLOOR_UDP_C: &str = include_str!("../../benches/floor_udp.c");
 const FLOOR_PREFORK_C: &str = include_str!("../../benches/floor_prefork.c");
+const FLOOR_EPOLL_C: &str = include_str!("../../benches/floor_epoll.c");
 const PY_ECHO: &str = include_str!("../../scripts/py_echo.py");
 
 /// A kind of server to measure.
@@ -41,6 +42,7 @@ pub enum Kind {
     /// UDP only: a blocking receive-and-send loop.
     FloorUdp,
     FloorPrefork,
+    FloorEpoll,
     PythonFork,
     PythonThread,
     Socat,
@@ -53,10 +55,12 @@ impl Kind {
             Kind::Forkd(Mode::Fork) => "forkd-fork",
             Kind::Forkd(Mode::Thread) => "forkd-thread",
             Kind::Forkd(Mode::Prefork) => "forkd-prefork",
+            Kind::Forkd(Mode::Event) => "forkd-event",
             Kind::FloorFork => "floor-fork",
             Kind::FloorThread => "floor-thread",
             Kind::FloorUdp => "floor-udp",
             Kind::FloorPrefork => "floor-prefork",
+            Kind::FloorEpoll => "floor-epoll",
             Kind::PythonFork => "python-fork",
             Kind::PythonThread => "python-thread",
             Kind::Socat => "socat",
@@ -64,11 +68,25 @@ impl Kind {
         }
     }
 
+    /// The C floor server of a forkd model: the least that model can do.
+    pub fn floor(mode: Mode) -> Kind {
+        match mode {
+            Mode::Fork => Kind::FloorFork,
+            Mode::Thread => Kind::FloorThread,
+            Mode::Prefork => Kind::FloorPrefork,
+            Mode::Event => Kind::FloorEpoll,
+        }
+    }
+
     /// `forkd`, `floor` or `peer`: how the table and chart group it.
     pub fn family(self) -> &'static str {
         match self {
             Kind::Forkd(_) => "forkd",
-            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork | Kind::FloorUdp => "floor",
+            Kind::FloorFork
+            | Kind::FloorThread
+            | Kind::FloorPrefork
+            | Kind::FloorEpoll
+            | Kind::FloorUdp => "floor",
             _ => "peer",
         }
     }
@@ -174,7 +192,11 @@ impl Launcher {
                 }
                 self.spawn(kind, cmd, Ready::Address).map(Started::Running)
             }
-            Kind::FloorFork | Kind::FloorThread | Kind::FloorPrefork | Kind::FloorUdp => {
+            Kind::FloorFork
+            | Kind::FloorThread
+            | Kind::FloorPrefork
+            | Kind::FloorEpoll
+            | Kind::FloorUdp => {
                 let bin = self.build_floor(kind)?;
                 let mut cmd = Command::new(bin);
                 cmd.arg("0");
@@ -242,6 +264,7 @@ impl Launcher {
             Kind::FloorFork => ("floor_fork", FLOOR_FORK_C, &[]),
             Kind::FloorUdp => ("floor_udp", FLOOR_UDP_C, &[]),
             Kind::FloorPrefork => ("floor_prefork", FLOOR_PREFORK_C, &[]),
+            Kind::FloorEpoll => ("floor_epoll", FLOOR_EPOLL_C, &[]),
             _ => ("floor_thread", FLOOR_THREAD_C, &["-pthread"]),
         };
         let src = self.out.join(format!("{stem}.c"));
