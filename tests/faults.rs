@@ -384,8 +384,16 @@ fn sigterm_under_load_never_truncates_an_accepted_reply() {
                             // Queued but never accepted before the listener closed: reset.
                             never_served += 1;
                         } else {
-                            assert!(r.is_ok(), "read error after {} bytes: {r:?}", back.len());
-                            assert!(back == data, "reply of {} bytes differs", back.len());
+                            assert!(
+                                r.is_ok(),
+                                "{mode}: read error after {} bytes: {r:?}",
+                                back.len()
+                            );
+                            assert!(
+                                back == data,
+                                "{mode}: reply of {} bytes differs",
+                                back.len()
+                            );
                             complete += 1;
                         }
                     }
