@@ -1,9 +1,13 @@
 //! Fork mode, the child's side: everything that runs in a connection's
 //! process between `fork` and `_exit`.
 //!
-//! In order: signal handling goes back to the defaults (see
-//! [`signals::reset_in_child`]); with `--die-with-parent` the kernel is asked to end the child with
-//! its dispatcher; every inherited descriptor but the connection and stdio is
+//! Signal handling needs nothing done here: the handler a child inherits
+//! acts as each signal's default would in any process but the dispatcher,
+//! SIGSEGV and SIGBUS are at their defaults since start, the mask is empty,
+//! and the signal stack's pages are wiped (the child's own zero pages); see
+//! [`crate::signals`]. (Resetting them here took five system calls per
+//! connection.) In order: with `--die-with-parent` the kernel is asked to
+//! end the child with its dispatcher; every inherited descriptor but the connection and stdio is
 //! closed (listeners, wake-up pipe, syslog socket); the process is retitled;
 //! the echo handler runs, keeping its byte count in the connection's
 //! counter ([`crate::counters`]); and the child leaves with `_exit`, so it
@@ -36,8 +40,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Pid, getppid};
 
 use crate::echo::{self, End};
+use crate::exit_code;
 use crate::title::{self, TitleArea};
-use crate::{exit_code, signals};
 
 /// Make a panic in a child end that child, at once: it must never unwind
 /// out of [`serve`] into the dispatcher's code, which the child shares. The
@@ -141,7 +145,6 @@ pub fn serve(
     buf: &mut [std::mem::MaybeUninit<u8>],
     bytes: &AtomicU64,
 ) -> ! {
-    signals::reset_in_child();
     if setup.die_with_parent {
         let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
         // The dispatcher may have died before the request took effect.

@@ -77,10 +77,12 @@ enum Meaning {
     Event(u32),
     /// No meaning: recorded, so the dispatcher can say it ignored it.
     Ignore,
+    /// No meaning, and not worth a line (terminal job control).
+    Quiet,
 }
 
 /// Every signal forkd installs its handler for, with what it means.
-const HANDLED: [(Signal, Meaning); 17] = [
+const HANDLED: [(Signal, Meaning); 19] = [
     (Signal::SIGTERM, Meaning::Terminate),
     (Signal::SIGINT, Meaning::Terminate),
     (Signal::SIGQUIT, Meaning::Event(Pending::QUIT)),
@@ -97,13 +99,21 @@ const HANDLED: [(Signal, Meaning); 17] = [
     (Signal::SIGXFSZ, Meaning::Ignore),
     (Signal::SIGPWR, Meaning::Ignore),
     (Signal::SIGIO, Meaning::Ignore),
+    // Caught rather than ignored (SIG_IGN would pass on to every child, and
+    // resetting it there costs a system call per connection). A background
+    // write to a terminal is then refused with EINTR instead of stopping
+    // forkd: the log line is dropped and counted.
+    (Signal::SIGTTIN, Meaning::Quiet),
+    (Signal::SIGTTOU, Meaning::Quiet),
     // SIGCHLD last: only fork mode handles it (see `install`).
     (Signal::SIGCHLD, Meaning::Event(Pending::CHILD)),
 ];
 
-/// Ignored with SIG_IGN, not caught: a caught SIGTTOU would make a
-/// background write to a terminal restart and signal again for ever.
-const IGNORED_QUIETLY: [Signal; 2] = [Signal::SIGTTIN, Signal::SIGTTOU];
+/// The runtime's fault handlers, put back to the defaults at start, so
+/// that a child inherits the defaults and need not reset them (Rust's
+/// handler would swallow a first SIGSEGV sent by `kill`, and only adds a
+/// message to a stack overflow, which kills the process either way).
+const DEFAULTS: [Signal; 2] = [Signal::SIGSEGV, Signal::SIGBUS];
 
 /// What the handler writes.
 #[derive(Default)]
@@ -166,9 +176,9 @@ pub fn install(children: Children) -> io::Result<Signals> {
     for signal in handled.iter().map(|(s, _)| *s as i32).chain(rt) {
         catch(signal)?;
     }
-    for signal in IGNORED_QUIETLY {
-        // SAFETY: SIG_IGN runs no code.
-        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) }?;
+    for signal in DEFAULTS {
+        // SAFETY: SIG_DFL runs no code.
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }?;
     }
     Ok(Signals { read })
 }
@@ -202,7 +212,9 @@ extern "C" fn on_signal(signal: libc::c_int) {
         if signal == libc::SIGCHLD && REAP_IN_HANDLER.load(Ordering::Relaxed) {
             crate::reaper::reap_into_ring();
         }
-        if let Some(state) = state() {
+        if let Some(state) = state()
+            && meaning(signal) != Meaning::Quiet
+        {
             state.record(signal);
             state.wake(WAKE_WRITE.load(Ordering::Relaxed));
         }
@@ -286,6 +298,7 @@ impl State {
                     self.ignored.fetch_or(1 << signal, Ordering::SeqCst);
                 }
             }
+            Meaning::Quiet => {}
         }
     }
 
@@ -365,35 +378,6 @@ fn alternate_stack() -> io::Result<()> {
     Ok(())
 }
 
-/// In a freshly forked child: give back the defaults forkd or Rust's runtime
-/// changed that `on_signal` does not already restore on delivery: the
-/// runtime's SIGSEGV and SIGBUS handlers (which would swallow a first
-/// SIGSEGV sent by `kill`), forkd's SIG_IGN for SIGTTIN and SIGTTOU, and
-/// the alternate stack, whose pages are wiped in a child. SIGPIPE stays
-/// ignored (the echo handler wants EPIPE); the mask is already empty.
-///
-/// A child's code (see `crate::child`): plain libc calls on constants, no
-/// table to read, so it touches no page beyond libc's.
-pub fn reset_in_child() {
-    let off = libc::stack_t {
-        ss_sp: std::ptr::null_mut(),
-        ss_flags: libc::SS_DISABLE,
-        ss_size: 0,
-    };
-    // SAFETY: disabling the alternate stack touches no memory of ours.
-    unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
-    // SAFETY: an all-zero sigaction is SIG_DFL with no flags and an empty mask.
-    let default: libc::sigaction = unsafe { std::mem::zeroed() };
-    let reset = |signal: libc::c_int| {
-        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
-        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
-    };
-    reset(libc::SIGSEGV);
-    reset(libc::SIGBUS);
-    reset(libc::SIGTTIN);
-    reset(libc::SIGTTOU);
-}
-
 /// Run `f` with SIGCHLD blocked, so the handler cannot reap meanwhile
 /// (the dispatcher reaping itself, or signalling pids that must not be
 /// reaped and reused under it).
@@ -417,7 +401,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for (s, _) in HANDLED {
             assert!(seen.insert(s), "{s} twice");
-            assert!(!IGNORED_QUIETLY.contains(&s));
+            assert!(!DEFAULTS.contains(&s));
         }
         assert_eq!(meaning(libc::SIGTERM), Meaning::Terminate);
         assert_eq!(meaning(libc::SIGRTMIN() + 1), Meaning::Ignore);

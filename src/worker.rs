@@ -1,10 +1,10 @@
 //! Prefork mode, a worker's side: a process forked at start that serves one
 //! connection at a time, for as long as its pool keeps it.
 //!
-//! In order, once forked: signal handling goes back to the defaults as in a
-//! fork-mode child ([`signals::reset_in_child`]: the inherited handler acts
-//! as each signal's default in any process but the parent, so SIGTERM ends a
-//! worker at once); every inherited descriptor is closed but stdio, the
+//! In order, once forked: signal handling is at the defaults as in a
+//! fork-mode child (see `crate::child`: the inherited handler acts as each
+//! signal's default in any process but the parent, so SIGTERM ends a worker
+//! at once); every inherited descriptor is closed but stdio, the
 //! listeners and the read end of the pool's stop pipe; the worker names
 //! itself (`forkd-worker`), raises its OOM score above its parent's, and
 //! waits for a connection in an epoll set of its own:
@@ -38,7 +38,6 @@ use crate::echo;
 use crate::events;
 use crate::model::{How, Terms};
 use crate::scoreboard::{Board, Count, Gate, Keys, Seat};
-use crate::signals;
 use crate::sources::Limits;
 use crate::title::{self, TitleArea};
 
@@ -130,7 +129,6 @@ pub struct Setup {
 /// Run worker number `n` (0-based; titles count from 1) in this freshly
 /// forked process, until the pool drains or it is recycled; then `_exit`.
 pub fn run(setup: &Setup, n: usize) -> ! {
-    signals::reset_in_child();
     if setup.die_with_parent {
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
         if nix::unistd::getppid() != setup.parent {

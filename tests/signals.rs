@@ -170,15 +170,15 @@ fn a_child_gets_the_default_for_signals_the_dispatcher_handles() {
     // is the default, which ends it.
     let f = Forkd::start(&[]);
     let (_s, kid) = f.connection_and_child();
-    // The dispatcher ignores SIGTTIN and SIGTTOU; its child does not.
-    // SIGPIPE stays ignored in both.
-    let ignored = |pid: i32| u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();
+    // The dispatcher catches SIGTTIN and SIGTTOU (terminal I/O never stops
+    // it); its child ignores neither. SIGPIPE stays ignored in both.
+    let mask = |pid: i32, key: &str| u64::from_str_radix(&status_field(pid, key), 16).unwrap();
     let bit = |signal: i32| 1u64 << (signal - 1);
     let tty = bit(libc::SIGTTIN) | bit(libc::SIGTTOU);
-    let (parent, child) = (ignored(f.pid()), ignored(kid));
+    let (caught, child) = (mask(f.pid(), "SigCgt"), mask(kid, "SigIgn"));
     f.check(
-        parent & tty == tty && child & tty == 0,
-        &format!("SigIgn: dispatcher {parent:x}, child {child:x}"),
+        caught & tty == tty && child & tty == 0,
+        &format!("dispatcher SigCgt {caught:x}, child SigIgn {child:x}"),
     );
     f.check(
         child & bit(libc::SIGPIPE) != 0,
