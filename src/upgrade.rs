@@ -198,12 +198,33 @@ impl Upgrade {
         let err_fd = err_write.as_raw_fd();
         let pid_digits = listen_pid.as_mut_ptr();
 
+        // SIGCHLD stays blocked from the fork to pidfd_open: the handler
+        // must not reap the new process (one whose exec fails exits at
+        // once) before it is watched, nor may its pid be signalled after.
+        // The new forkd starts with SIGCHLD blocked; it sets its own mask.
+        let mut chld = nix::sys::signal::SigSet::empty();
+        chld.add(nix::sys::signal::Signal::SIGCHLD);
+        let mut old_mask = nix::sys::signal::SigSet::empty();
+        let _ = nix::sys::signal::sigprocmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&chld),
+            Some(&mut old_mask),
+        );
+        let restore = || {
+            let _ = nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&old_mask),
+                None,
+            );
+        };
         // SAFETY: the child runs only async-signal-safe calls (dup2, getpid,
         // execve, write, _exit) and plain memory writes into buffers it
         // owns as a copy; nothing allocates between fork and exec.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
-            return Err(os("cannot fork", io::Error::last_os_error()));
+            let e = io::Error::last_os_error();
+            restore();
+            return Err(os("cannot fork", e));
         }
         if pid == 0 {
             // ---- child: becomes the new forkd.
@@ -220,14 +241,17 @@ impl Upgrade {
         }
         drop(sources);
         drop(err_write);
-        // SAFETY: pidfd_open on our own child, which is not reaped yet
-        // (or, if the handler reaped it already, fails with ESRCH).
+        // SAFETY: pidfd_open on our own child, which cannot have been
+        // reaped yet (SIGCHLD is blocked).
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let open_error = io::Error::last_os_error();
         if pidfd < 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: our own child.
+            // SAFETY: our own child, not reaped (SIGCHLD is still blocked).
             unsafe { libc::kill(pid, libc::SIGTERM) };
-            return Err(os("cannot watch the new forkd (pidfd_open)", e));
+        }
+        restore();
+        if pidfd < 0 {
+            return Err(os("cannot watch the new forkd (pidfd_open)", open_error));
         }
         self.under_way = Some(UnderWay {
             pid,
