@@ -100,10 +100,12 @@ fn compromised_child(mode_args: &[&str], lazy: bool) {
             &format!("client {i} not echoed unchanged"),
         );
     }
-    let (ends, zombies) = if lazy { (19, 1) } else { (20, 0) };
+    // With --reap lazy, the last children stay zombies until the next
+    // accept (one or, on a busy machine, a few); otherwise all are reaped.
     f.check(
         wait_until(LONG, || {
-            f.count_log("end pid ") >= ends && f.zombies() == zombies
+            let (ends, zombies) = (f.count_log("end pid "), f.zombies());
+            ends + zombies >= 20 && (if lazy { zombies >= 1 } else { zombies == 0 })
         }),
         "the 20 clients were not all reaped",
     );

@@ -22,9 +22,17 @@ fn prefork(args: &[&str]) -> Forkd {
 }
 
 /// The pool's workers (live children), waiting until there are `n`.
+/// Wait for `n` live workers, each past its start (named and titled).
 fn workers(f: &Forkd, n: usize) -> Vec<i32> {
     f.check(
-        wait_until(LONG, || f.live_children().len() == n),
+        wait_until(LONG, || {
+            let kids = f.live_children();
+            kids.len() == n
+                && kids.iter().all(|&p| {
+                    proc_stat(p).is_some_and(|s| s.comm == "forkd-worker")
+                        && title_of(p).starts_with("forkd: worker")
+                })
+        }),
         &format!("expected {n} workers, have {:?}", f.children()),
     );
     f.live_children()
