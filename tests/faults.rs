@@ -687,11 +687,15 @@ fn a_log_reader_that_stops_reading(args: &[&str]) {
         unread >= 32 << 10,
         "{args:?}: the pipe should be full, holds {unread} bytes"
     );
-    // The reader reads again: the next line tells what was lost.
+    // The reader reads again: the next line tells what was lost. Each
+    // client makes a line; one logged before the reader has made room is
+    // dropped too, so clients come until the notice does.
     let text = f.read_from_now();
-    let data = pattern(64, 9999);
-    assert!(roundtrip(f.addr, &data) == data, "{args:?}: not served");
+    let mut i = 9999;
     let told = wait_until(Duration::from_secs(10), || {
+        i += 1;
+        let data = pattern(64, i);
+        assert!(roundtrip(f.addr, &data) == data, "{args:?}: not served");
         text.lock()
             .unwrap()
             .contains(" dropped: the log was not being read")
