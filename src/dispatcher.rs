@@ -30,6 +30,7 @@ use crate::model::{Collect, How, Model, Stop, Terms};
 use crate::proxy::{self, Via};
 use crate::signals::{Pending, Signals};
 use crate::sources::{Limits, Refused, Sources};
+use crate::stop::{Drain, Step};
 use crate::table::Table;
 use crate::udp::Udp;
 use crate::upgrade::{Outcome, Upgrade};
@@ -65,16 +66,6 @@ pub struct Refusals {
     pub early: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for connections to finish by themselves.
-    Grace,
-    /// Asked to end (SIGTERM, or a shutdown); waiting a second.
-    Terminated,
-    /// Forced (SIGKILL); waiting for the last ends to be collected.
-    Killed,
-}
-
 /// Poll entries beyond the pipe and the listeners: the PROXY stage's epoll
 /// descriptor, and an upgrade's notify socket and pidfd.
 const HOOK_ENTRIES: usize = 3;
@@ -82,10 +73,6 @@ const HOOK_ENTRIES: usize = 3;
 const BACKOFF: Duration = Duration::from_millis(100);
 /// Accepts per listener per wake-up, so signals and ends are never starved.
 const ACCEPT_BATCH: usize = 64;
-/// After asking connections to end, wait this long before forcing them.
-const TERM_TO_KILL: Duration = Duration::from_secs(1);
-/// After forcing, give up waiting for ends after this long.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Least time between two STATUS= updates to the service manager.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -127,7 +114,7 @@ pub struct Dispatcher<M: Model> {
     settings: Settings,
     at_cap: bool,
     paused_until: Option<Instant>,
-    stopping: Option<(Phase, Instant)>,
+    stop: Drain,
     status_sent: Option<Instant>,
     /// The poll set: room for the wake-up pipe and every listener, in memory
     /// no child inherits (a write to it costs no copy-on-write fault).
@@ -150,8 +137,7 @@ pub struct Dispatcher<M: Model> {
     coin: u64,
     start_fail_log: Throttle,
     accept_fail_log: Throttle,
-    /// One per signal number.
-    ignored_log: Box<[Throttle; 64]>,
+    ignored_log: events::Ignored,
     /// UDP sockets, polled after the listeners (accepting or not) and
     /// served in this loop: see [`crate::udp`].
     udp: Box<Udp>,
@@ -199,7 +185,7 @@ impl<M: Model> Dispatcher<M> {
             settings,
             at_cap: false,
             paused_until: None,
-            stopping: None,
+            stop: Drain::default(),
             status_sent: None,
             pollfds,
             polled: 0,
@@ -211,7 +197,7 @@ impl<M: Model> Dispatcher<M> {
             coin: seed(),
             start_fail_log: Throttle::default(),
             accept_fail_log: Throttle::default(),
-            ignored_log: Box::new(std::array::from_fn(|_| Throttle::default())),
+            ignored_log: events::Ignored::default(),
             udp: Box::new(Udp::default()),
         })
     }
@@ -234,7 +220,7 @@ impl<M: Model> Dispatcher<M> {
             if self.paused_until.is_some_and(|t| now >= t) {
                 self.paused_until = None;
             }
-            let accepting = self.stopping.is_none() && self.paused_until.is_none() && !self.full();
+            let accepting = !self.stop.is_stopping() && self.paused_until.is_none() && !self.full();
             let timeout = self.timeout(now);
             if self.wait(accepting, timeout)? {
                 let pending = self.signals.take();
@@ -243,7 +229,7 @@ impl<M: Model> Dispatcher<M> {
             if self.model_ready(Instant::now()) {
                 self.model.on_ready();
             }
-            let why = if self.stopping.is_some() || self.full() {
+            let why = if self.stop.is_stopping() || self.full() {
                 Collect::NeedRoom
             } else {
                 Collect::Woken
@@ -252,7 +238,7 @@ impl<M: Model> Dispatcher<M> {
             self.udp.on_readable(&self.pollfds[..self.polled]);
             self.run_hooks(Instant::now());
 
-            if self.stopping.is_some() {
+            if self.stop.is_stopping() {
                 if self.drain_step(Instant::now()) {
                     break;
                 }
@@ -314,7 +300,7 @@ impl<M: Model> Dispatcher<M> {
                 // Only this process's copies close: the new forkd holds the
                 // sockets, and what waits in their backlog is its to accept.
                 self.listeners.clear();
-                self.stopping = Some((Phase::Grace, now + self.settings.grace));
+                self.stop.begin_until(now + self.settings.grace);
             }
         }
     }
@@ -396,7 +382,7 @@ impl<M: Model> Dispatcher<M> {
     fn timeout(&self, now: Instant) -> PollTimeout {
         let mut next: Option<Instant> = self.paused_until;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        if let Some((_, deadline)) = self.stopping {
+        if let Some(deadline) = self.stop.deadline() {
             consider(deadline);
             // Zombies (in --reap off) are counted by looking, not told by a signal.
             consider(now + Duration::from_millis(100));
@@ -429,16 +415,7 @@ impl<M: Model> Dispatcher<M> {
         if pending.has(Pending::RELOAD) {
             logging::reopen();
         }
-        for signal in pending.ignored() {
-            // Each signal's line at most once a second, so a storm of one
-            // cannot flood the log nor hide another.
-            if self.ignored_log[signal as usize]
-                .allow(Instant::now())
-                .is_some()
-            {
-                events::ignored(&signals::name(signal));
-            }
-        }
+        self.ignored_log.log(pending);
         let active = self.books.table.active();
         if pending.has(Pending::UPGRADE) {
             self.start_upgrade();
@@ -450,27 +427,15 @@ impl<M: Model> Dispatcher<M> {
                 p.clear();
             }
             self.stop_all(Stop::Kill);
-            self.stopping = Some((Phase::Killed, Instant::now() + KILL_WAIT));
+            self.stop.killed();
             return;
         }
-        let mut stops = pending.terminate;
-        if pending.has(Pending::CPU_LIMIT) && self.stopping.is_none() {
-            events::cpu_limit();
-            stops = stops.max(1);
-        }
-        for _ in 0..stops {
-            match self.stopping {
-                None => {
-                    events::stopping(active, self.settings.grace);
-                    self.begin_stop();
-                    self.stopping = Some((Phase::Grace, Instant::now() + self.settings.grace));
-                }
-                Some((Phase::Grace, _)) => {
-                    events::second_stop();
-                    self.stopping = Some((Phase::Grace, Instant::now()));
-                }
-                Some(_) => {}
-            }
+        let cpu_limit = pending.has(Pending::CPU_LIMIT);
+        if self
+            .stop
+            .on_requests(pending.terminate, cpu_limit, active, self.settings.grace)
+        {
+            self.begin_stop();
         }
     }
 
@@ -479,7 +444,7 @@ impl<M: Model> Dispatcher<M> {
         let Some(upgrade) = &mut self.upgrade else {
             return;
         };
-        if self.stopping.is_some() {
+        if self.stop.is_stopping() {
             events::upgrade_refused("forkd is stopping");
             return;
         }
@@ -499,35 +464,20 @@ impl<M: Model> Dispatcher<M> {
     /// One step of the stop: true when every connection has ended.
     fn drain_step(&mut self, now: Instant) -> bool {
         let live = self.books.table.active() - self.finished() + self.waiting();
-        if live == 0 {
-            return true;
-        }
-        let Some((phase, deadline)) = self.stopping else {
-            return false;
-        };
-        if now < deadline {
-            return false;
-        }
-        match phase {
-            Phase::Grace => {
-                events::grace_over(self.books.terms, live);
-                if let Some(p) = &mut self.proxy {
+        match self.stop.step(live, now, self.books.terms) {
+            Step::Wait => false,
+            Step::Done => true,
+            Step::End(how) => {
+                if how == Stop::Terminate
+                    && let Some(p) = &mut self.proxy
+                {
+                    // Connections still waiting for their header are dropped.
                     p.clear();
                 }
-                self.stop_all(Stop::Terminate);
-                self.stopping = Some((Phase::Terminated, now + TERM_TO_KILL));
-            }
-            Phase::Terminated => {
-                events::still_open(self.books.terms, live);
-                self.stop_all(Stop::Kill);
-                self.stopping = Some((Phase::Killed, now + KILL_WAIT));
-            }
-            Phase::Killed => {
-                events::gave_up(live);
-                return true;
+                self.stop_all(how);
+                false
             }
         }
-        false
     }
 
     /// Ask or force every connection still running to end. SIGCHLD stays

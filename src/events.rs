@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::model::{How, Terms};
+use crate::signals::{self, Pending};
 use crate::sources::{self, Limits, Refused};
 
 /// "1 connection", "2 connections" (plural by an `s`).
@@ -203,8 +204,28 @@ pub fn upgrade_refused(why: &str) {
     warn!("SIGUSR2: no upgrade: {why}");
 }
 
-pub fn ignored(name: &str) {
-    info!("ignored {name}: forkd gives it no meaning");
+/// Signals forkd ignores, each logged at most once a second by itself, so
+/// a storm of one can neither flood the log nor hide another.
+pub struct Ignored(Box<[Throttle; 64]>);
+
+impl Default for Ignored {
+    fn default() -> Ignored {
+        Ignored(Box::new(std::array::from_fn(|_| Throttle::default())))
+    }
+}
+
+impl Ignored {
+    /// Log the ignored signals among `pending`.
+    pub fn log(&mut self, pending: Pending) {
+        for signal in pending.ignored() {
+            if self.0[signal as usize].allow(Instant::now()).is_some() {
+                info!(
+                    "ignored {}: forkd gives it no meaning",
+                    signals::name(signal)
+                );
+            }
+        }
+    }
 }
 
 /// Prefork: worker `n` started (or was replaced) as `pid`.

@@ -32,6 +32,7 @@
 //! - [`signals`]: the signal handler, what each signal means, the wake-up pipe.
 //! - [`reaper`]: the ring of exits the SIGCHLD handler fills.
 //! - [`events`]: the dispatcher's log lines, one helper per event.
+//! - [`stop`]: the graceful stop's steps, for the dispatcher and the prefork parent.
 //! - [`logging`]: stderr, journald prefixes or syslog, with per-child pids.
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
 //! - [`limits`]: the descriptor limit and the start-up checks of `--max-conns`.
@@ -85,6 +86,7 @@ pub mod scoreboard;
 pub mod server;
 pub mod signals;
 pub mod sources;
+pub mod stop;
 pub mod systemd;
 pub mod table;
 pub mod thread;

@@ -38,9 +38,10 @@ use crate::dispatcher::{Refusals, Summary};
 use crate::error::{EXIT_SOFTWARE, Error};
 use crate::events::{self, Throttle};
 use crate::listen::Listener;
-use crate::model::How;
+use crate::model::{How, Stop};
 use crate::scoreboard::{Board, Report};
 use crate::signals::{self, Pending, Signals};
+use crate::stop::{Drain, Step};
 use crate::udp::Udp;
 use crate::worker::{self, Setup, TERMS, code};
 use crate::{logging, reaper, systemd};
@@ -50,10 +51,6 @@ pub const QUICK: Duration = Duration::from_secs(1);
 /// The first respawn delay after a quick death; it doubles up to [`MOST_DELAY`].
 const FIRST_DELAY: Duration = Duration::from_millis(100);
 const MOST_DELAY: Duration = Duration::from_secs(30);
-/// After asking workers to end, wait this long before forcing them.
-const TERM_TO_KILL: Duration = Duration::from_secs(1);
-/// After forcing, give up waiting after this long.
-const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Least time between two STATUS= updates.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -67,13 +64,6 @@ struct Place {
     quick: u32,
     /// When to start the next worker here (None: now, unless stopping).
     due: Option<Instant>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Grace,
-    Terminated,
-    Killed,
 }
 
 pub struct Pool {
@@ -91,10 +81,10 @@ pub struct Pool {
     gone: Report,
     forced: u64,
     respawned: u64,
-    stopping: Option<(Phase, Instant)>,
+    stop: Drain,
     status_sent: Option<(Instant, String)>,
     fork_fail_log: Throttle,
-    ignored_log: [Throttle; 64],
+    ignored_log: events::Ignored,
     /// UDP sockets, served by the parent in its own loop, as the fork-mode
     /// dispatcher serves them (see [`crate::udp`]); workers close them.
     udp: Udp,
@@ -127,10 +117,10 @@ impl Pool {
             gone: Report::default(),
             forced: 0,
             respawned: 0,
-            stopping: None,
+            stop: Drain::default(),
             status_sent: None,
             fork_fail_log: Throttle::default(),
-            ignored_log: std::array::from_fn(|_| Throttle::default()),
+            ignored_log: events::Ignored::default(),
             udp,
             pollfds: Vec::new(),
         })
@@ -161,7 +151,7 @@ impl Pool {
             }
             self.collect();
             let now = Instant::now();
-            if self.stopping.is_some() {
+            if self.stop.is_stopping() {
                 if self.drain_step(now) {
                     break;
                 }
@@ -277,10 +267,7 @@ impl Pool {
             quick,
             due: Some(now + delay),
         };
-        let replaced = match self.stopping {
-            Some(_) => None,
-            None => Some(delay),
-        };
+        let replaced = (!self.stop.is_stopping()).then_some(delay);
         let describe = match how {
             How::Exited(c) => format!("exit {c} ({})", code::describe(c)),
             other => other.to_string(),
@@ -330,8 +317,8 @@ impl Pool {
     fn timeout(&self, now: Instant) -> i32 {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        match self.stopping {
-            Some((_, deadline)) => consider(deadline),
+        match self.stop.deadline() {
+            Some(deadline) => consider(deadline),
             None => {
                 for p in &self.places {
                     if p.pid.is_none() {
@@ -363,40 +350,21 @@ impl Pool {
         if pending.has(Pending::RELOAD) {
             logging::reopen();
         }
-        for signal in pending.ignored() {
-            if self.ignored_log[signal as usize]
-                .allow(Instant::now())
-                .is_some()
-            {
-                events::ignored(&signals::name(signal));
-            }
-        }
+        self.ignored_log.log(pending);
         let busy = self.busy();
         if pending.has(Pending::QUIT) {
             events::quit(&TERMS, busy);
             self.begin_stop();
             self.signal_all(Signal::SIGKILL);
-            self.stopping = Some((Phase::Killed, Instant::now() + KILL_WAIT));
+            self.stop.killed();
             return;
         }
-        let mut stops = pending.terminate;
-        if pending.has(Pending::CPU_LIMIT) && self.stopping.is_none() {
-            events::cpu_limit();
-            stops = stops.max(1);
-        }
-        for _ in 0..stops {
-            match self.stopping {
-                None => {
-                    events::stopping(busy, self.grace);
-                    self.begin_stop();
-                    self.stopping = Some((Phase::Grace, Instant::now() + self.grace));
-                }
-                Some((Phase::Grace, _)) => {
-                    events::second_stop();
-                    self.stopping = Some((Phase::Grace, Instant::now()));
-                }
-                Some(_) => {}
-            }
+        let cpu_limit = pending.has(Pending::CPU_LIMIT);
+        if self
+            .stop
+            .on_requests(pending.terminate, cpu_limit, busy, self.grace)
+        {
+            self.begin_stop();
         }
     }
 
@@ -423,33 +391,18 @@ impl Pool {
 
     /// One step of the drain: true once every worker has ended.
     fn drain_step(&mut self, now: Instant) -> bool {
-        let live = self.live();
-        if live == 0 {
-            return true;
-        }
-        let Some((phase, deadline)) = self.stopping else {
-            return false;
-        };
-        if now < deadline {
-            return false;
-        }
-        match phase {
-            Phase::Grace => {
-                events::grace_over(&TERMS, live);
+        match self.stop.step(self.live(), now, &TERMS) {
+            Step::Wait => false,
+            Step::Done => true,
+            Step::End(Stop::Terminate) => {
                 self.signal_all(Signal::SIGTERM);
-                self.stopping = Some((Phase::Terminated, now + TERM_TO_KILL));
+                false
             }
-            Phase::Terminated => {
-                events::still_open(&TERMS, live);
+            Step::End(Stop::Kill) => {
                 self.signal_all(Signal::SIGKILL);
-                self.stopping = Some((Phase::Killed, now + KILL_WAIT));
-            }
-            Phase::Killed => {
-                events::gave_up(live);
-                return true;
+                false
             }
         }
-        false
     }
 
     /// Signal every worker still in the pool, by the pids of the parent's
