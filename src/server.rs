@@ -157,11 +157,7 @@ fn prefork(
         udp,
         activated,
     } = bound;
-    let udp_names: Vec<(String, SocketAddr)> = udp
-        .sockets()
-        .iter()
-        .map(|u| (u.name.clone(), u.addr))
-        .collect();
+    let udp_names = udp.names();
     // A worker serves one connection at a time: the pool is the cap.
     let pool = config.pool();
     config.max_conns = pool;
@@ -250,11 +246,7 @@ fn serve<M: Model>(
         Mode::Prefork => "prefork".to_string(),
         Mode::Event => "event".to_string(),
     };
-    let udp_names: Vec<(String, SocketAddr)> = udp
-        .sockets()
-        .iter()
-        .map(|u| (u.name.clone(), u.addr))
-        .collect();
+    let udp_names = udp.names();
     let dispatcher = Dispatcher::new(model, listeners, signals, settings)?.with_udp(udp);
     let sockets = (dispatcher.listeners(), &udp_names[..]);
     announce(config, sockets, activated, &name, nofile);

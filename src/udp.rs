@@ -298,6 +298,14 @@ impl Udp {
         &self.sockets
     }
 
+    /// Each socket's name and address, for the start-up line.
+    pub fn names(&self) -> Vec<(String, SocketAddr)> {
+        self.sockets
+            .iter()
+            .map(|u| (u.name.clone(), u.addr))
+            .collect()
+    }
+
     /// The descriptors to poll for reading (for a loop of its own: epoll...).
     pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.sockets.iter().map(|s| s.as_raw_fd())
