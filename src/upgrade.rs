@@ -202,57 +202,41 @@ impl Upgrade {
         // must not reap the new process (one whose exec fails exits at
         // once) before it is watched, nor may its pid be signalled after.
         // The new forkd starts with SIGCHLD blocked; it sets its own mask.
-        let mut chld = nix::sys::signal::SigSet::empty();
-        chld.add(nix::sys::signal::Signal::SIGCHLD);
-        let mut old_mask = nix::sys::signal::SigSet::empty();
-        let _ = nix::sys::signal::sigprocmask(
-            nix::sys::signal::SigmaskHow::SIG_BLOCK,
-            Some(&chld),
-            Some(&mut old_mask),
-        );
-        let restore = || {
-            let _ = nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&old_mask),
-                None,
-            );
-        };
-        // SAFETY: the child runs only async-signal-safe calls (dup2, getpid,
-        // execve, write, _exit) and plain memory writes into buffers it
-        // owns as a copy; nothing allocates between fork and exec.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            let e = io::Error::last_os_error();
-            restore();
-            return Err(os("cannot fork", e));
-        }
-        if pid == 0 {
-            // ---- child: becomes the new forkd.
-            unsafe {
-                for (i, fd) in src.iter().enumerate() {
-                    if libc::dup2(*fd, 3 + i as i32) < 0 {
-                        exec_failed(err_fd);
-                    }
-                }
-                write_pid(pid_digits.add(PID_AT), libc::getpid());
-                libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                exec_failed(err_fd);
+        let started = crate::signals::without_sigchld(|| {
+            // SAFETY: the child runs only async-signal-safe calls (dup2, getpid,
+            // execve, write, _exit) and plain memory writes into buffers it
+            // owns as a copy; nothing allocates between fork and exec.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return Err(os("cannot fork", io::Error::last_os_error()));
             }
-        }
+            if pid == 0 {
+                // ---- child: becomes the new forkd.
+                unsafe {
+                    for (i, fd) in src.iter().enumerate() {
+                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                            exec_failed(err_fd);
+                        }
+                    }
+                    write_pid(pid_digits.add(PID_AT), libc::getpid());
+                    libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                    exec_failed(err_fd);
+                }
+            }
+            // SAFETY: pidfd_open on our own child, which cannot have been
+            // reaped yet (SIGCHLD is blocked).
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            if pidfd < 0 {
+                let e = io::Error::last_os_error();
+                // SAFETY: our own child, not reaped (SIGCHLD is still blocked).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                return Err(os("cannot watch the new forkd (pidfd_open)", e));
+            }
+            Ok((pid, pidfd))
+        });
         drop(sources);
         drop(err_write);
-        // SAFETY: pidfd_open on our own child, which cannot have been
-        // reaped yet (SIGCHLD is blocked).
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        let open_error = io::Error::last_os_error();
-        if pidfd < 0 {
-            // SAFETY: our own child, not reaped (SIGCHLD is still blocked).
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        restore();
-        if pidfd < 0 {
-            return Err(os("cannot watch the new forkd (pidfd_open)", open_error));
-        }
+        let (pid, pidfd) = started?;
         self.under_way = Some(UnderWay {
             pid,
             // SAFETY: a fresh descriptor nothing else owns.
