@@ -213,9 +213,8 @@ extern "C" fn on_signal(signal: libc::c_int) {
             crate::reaper::reap_into_ring();
         }
         if let Some(state) = state()
-            && meaning(signal) != Meaning::Quiet
+            && state.record(signal)
         {
-            state.record(signal);
             state.wake(WAKE_WRITE.load(Ordering::Relaxed));
         }
     }
@@ -284,8 +283,8 @@ enum TakeStep {
 }
 
 impl State {
-    /// Count `signal` by its meaning.
-    fn record(&self, signal: i32) {
+    /// Count `signal` by its meaning; false if it means nothing worth a wake-up.
+    fn record(&self, signal: i32) -> bool {
         match meaning(signal) {
             Meaning::Terminate => {
                 self.terminate.fetch_add(1, Ordering::SeqCst);
@@ -298,8 +297,9 @@ impl State {
                     self.ignored.fetch_or(1 << signal, Ordering::SeqCst);
                 }
             }
-            Meaning::Quiet => {}
+            Meaning::Quiet => return false,
         }
+        true
     }
 
     /// Write a byte to the pipe unless one is known to be there already.
