@@ -35,7 +35,7 @@ status=0
 workloads="--concurrency 32 --size 64 --stream-conns 4 --stream-size 64KiB --duration ${DURATION:-10s}"
 # shellcheck disable=SC2086
 "$bin/forkd-load" compare --forkd "$static" --json \
-	--modes fork,thread,event --floor --peers $workloads --hold 2000 \
+	--modes fork,thread,prefork,event --floor --peers $workloads --hold 2000 \
 	--out "$out" "$@" >"$out/runs.jsonl" || status=$?
 
 # Latency at equal load: the fork servers paced at one rate, half what the
@@ -124,6 +124,8 @@ ratio("forkd-fork MiB/s / floor-fork", mibs("forkd-fork"), mibs("floor-fork"), "
 ratio("forkd-thread MiB/s / floor-thread", mibs("forkd-thread"), mibs("floor-thread"), ">=", 0.9)
 ratio("forkd-fork dgram/s / floor-udp", dgrams("forkd-fork"), dgrams("floor-udp"), ">=", 0.9)
 ratio("forkd-thread dgram/s / floor-udp", dgrams("forkd-thread"), dgrams("floor-udp"), ">=", 0.9)
+ratio("forkd-prefork conn/s / floor-prefork", rate("forkd-prefork"), rate("floor-prefork"), ">=", 1.0)
+ratio("forkd-prefork MiB/s / floor-prefork", mibs("forkd-prefork"), mibs("floor-prefork"), ">=", 0.9)
 ratio("forkd-event conn/s / floor-epoll", rate("forkd-event"), rate("floor-epoll"), ">=", 1.0)
 ratio("forkd-event MiB/s / floor-epoll", mibs("forkd-event"), mibs("floor-epoll"), ">=", 0.9)
 checks.append(("forkd-event PSS KiB/conn", pss("forkd-event"), "<=", 2.0))
