@@ -452,7 +452,7 @@ pub enum ParseOutcome {
 /// `invalid value 'bogus' for '--mode <MODE>' [possible values: fork, thread]`,
 /// `the following required arguments were not provided: --addr <ADDR>`,
 /// `unexpected argument '--mod' found; tip: a similar argument exists: '--mode'`.
-pub(crate) fn one_line(e: &clap::Error) -> String {
+pub fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
     let mut out = String::new();
     // After a line ending in ':' clap lists items, one per line.

@@ -44,7 +44,6 @@
 //! - [`privdrop`]: `--user` / `--group`.
 //! - [`title`]: process names and titles for `ps`.
 //! - [`error`]: start-up errors and the documented exit codes.
-//! - [`load`]: the `forkd-load` load generator and fork-vs-thread comparison.
 //!
 //! A new model is one new file implementing [`model::Model`], plus its line
 //! in [`cli::Mode`] and [`server`]; a model that works inside the
@@ -73,7 +72,6 @@ pub mod ids;
 pub mod inetd;
 pub mod limits;
 pub mod listen;
-pub mod load;
 pub mod logging;
 pub mod memory;
 pub mod model;

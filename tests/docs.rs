@@ -181,12 +181,12 @@ fn the_traps_are_recognised() {
 fn fake_clone() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("forkd-docs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let load = Path::new(FORKD).with_file_name("forkd-load");
+    let load = forkd_load();
     for profile in ["debug", "release"] {
         let bin = dir.join("target").join(profile);
         std::fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::symlink(FORKD, bin.join("forkd")).unwrap();
-        std::os::unix::fs::symlink(&load, bin.join("forkd-load")).unwrap();
+        std::os::unix::fs::symlink(load, bin.join("forkd-load")).unwrap();
     }
     dir
 }

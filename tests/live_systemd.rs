@@ -909,6 +909,8 @@ fn debian_package() -> Result<PathBuf, String> {
     if !run(probe, 60 * SECOND).ok {
         return Err("cargo-deb not installed (cargo install cargo-deb)".into());
     }
+    // forkd-load is another package's binary: make sure it is there to pack.
+    forkd_load();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-forkd.deb");
     let _ = std::fs::remove_file(&out);
     let mut cmd = Command::new(&cargo);

@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const LOAD: &str = env!("CARGO_BIN_EXE_forkd-load");
-
 /// Run forkd-load with `args`, killing it if it outlives `limit`.
 fn load(args: &[&str], limit: Duration) -> Run {
-    let mut cmd = Command::new(LOAD);
+    let mut cmd = Command::new(forkd_load());
     cmd.args(args);
     run_with_deadline(cmd, limit)
 }
@@ -586,10 +584,10 @@ fn figure(cell: &str) -> f64 {
 /// README's "A real run": its table, and the settings and machine its text
 /// gives (`DURATION=10s scripts/bench.sh`: 2 rounds; rate 32 workers x 64 B,
 /// stream 4 connections x 64 KiB, hold 2000; 2 CPUs, Linux 6.18.44).
-fn readme_run() -> forkd::load::compare::Comparison {
-    use forkd::load::cli::Workload;
-    use forkd::load::compare::{Comparison, Machine, Row, Settings};
-    use forkd::load::report::{Latency, Report};
+fn readme_run() -> forkd_load::compare::Comparison {
+    use forkd_load::cli::Workload;
+    use forkd_load::compare::{Comparison, Machine, Row, Settings};
+    use forkd_load::report::{Latency, Report};
     let readme =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
             .unwrap();
@@ -679,7 +677,7 @@ fn docs_chart_is_the_readme_run_drawn_by_this_code() {
     let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare.svg");
     let dir = temp_dir("docs-chart");
     let drawn = dir.join("compare.svg");
-    forkd::load::chart::draw(&drawn, &readme_run()).unwrap();
+    forkd_load::chart::draw(&drawn, &readme_run()).unwrap();
     let drawn = std::fs::read_to_string(&drawn).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     if std::env::var_os("FORKD_REDRAW_DOCS").is_some() {

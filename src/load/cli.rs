@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use crate::cli::{Mode, ParseOutcome};
-use crate::error::Error;
+use forkd::cli::{Mode, ParseOutcome};
+use forkd::error::Error;
 
 /// Longest run any subcommand accepts.
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
@@ -309,11 +309,11 @@ impl Args {
                     ErrorKind::InvalidSubcommand => {
                         format!(
                             "{} [subcommands: {}]",
-                            crate::cli::one_line(&e),
+                            forkd::cli::one_line(&e),
                             subcommands()
                         )
                     }
-                    _ => crate::cli::one_line(&e),
+                    _ => forkd::cli::one_line(&e),
                 };
                 Err(ParseOutcome::Error(Error::usage(message)))
             }
@@ -433,7 +433,7 @@ mod tests {
     fn remote_address_is_refused_in_one_line() {
         match parse(&["rate", "--addr", "192.0.2.1:7"]) {
             Err(ParseOutcome::Error(e)) => {
-                assert_eq!(e.code, crate::error::EXIT_USAGE);
+                assert_eq!(e.code, forkd::error::EXIT_USAGE);
                 assert!(e.message.contains("loopback"), "{}", e.message);
                 assert!(!e.message.contains('\n'));
             }

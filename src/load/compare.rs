@@ -17,7 +17,7 @@ use super::cli::{CompareArgs, Workload};
 use super::report::Report;
 use super::targets::{Kind, Launcher, Server, Started};
 use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys, udp};
-use crate::error::Error;
+use forkd::error::Error;
 
 /// Pause between two runs, so one run's closing connections do not weigh on the next.
 const BETWEEN_RUNS: Duration = Duration::from_millis(300);
@@ -410,7 +410,7 @@ fn cant_create(path: &Path, e: std::io::Error) -> Error {
         format!(
             "cannot write {}: {}",
             path.display(),
-            crate::error::describe(&e)
+            forkd::error::describe(&e)
         ),
     )
 }

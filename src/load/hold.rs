@@ -18,7 +18,7 @@ use super::proctree::Tree;
 use super::progress::Progress;
 use super::report::{Failure, Kind, Report};
 use super::sys;
-use crate::error::{EXIT_OSERR, EXIT_UNAVAILABLE, Error, count};
+use forkd::error::{EXIT_OSERR, EXIT_UNAVAILABLE, Error, count};
 
 /// Descriptors kept free for everything that is not a held connection.
 const RESERVE: u64 = 64;
@@ -56,7 +56,7 @@ fn read_tree(pid: i32) -> Result<Tree, Error> {
             EXIT_UNAVAILABLE,
             format!(
                 "cannot read the process tree of pid {pid}: {}",
-                crate::error::describe(&e)
+                forkd::error::describe(&e)
             ),
         )
     })

@@ -4,7 +4,7 @@
 use super::chart::short;
 use super::cli::Workload;
 use super::compare::{Comparison, Row, Settings};
-use crate::error::count;
+use forkd::error::count;
 
 /// The whole file.
 pub fn render(c: &Comparison) -> String {

@@ -22,7 +22,7 @@ use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
 use super::sys;
 use super::workers;
-use crate::error::{Error, count};
+use forkd::error::{Error, count};
 
 /// Offsets into a worker's pattern, so consecutive connections send different bytes.
 const SHIFTS: usize = 251;
@@ -235,8 +235,8 @@ pub fn one_proxied(
     if let Some(version) = proxy {
         let client = s.local_addr().map_err(|e| Failure::io("getsockname", &e))?;
         let header = match version {
-            ProxyVersion::V1 => crate::proxy::header_v1(client, addr),
-            ProxyVersion::V2 => crate::proxy::header_v2(client, addr),
+            ProxyVersion::V1 => forkd::proxy::header_v1(client, addr),
+            ProxyVersion::V2 => forkd::proxy::header_v2(client, addr),
         };
         if payload.len() <= INLINE_WRITE_MAX {
             // One write, as a balancer's first segment often carries both:

@@ -11,7 +11,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::error::count;
+use forkd::error::count;
 
 /// Why one connection (or one operation on it) failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl Failure {
         let text = match kind {
             // EAGAIN's own text ("resource temporarily unavailable") hides that it is a timeout.
             Kind::Timeout => "timed out".to_string(),
-            _ => crate::error::describe(e),
+            _ => forkd::error::describe(e),
         };
         Failure::new(kind, format!("{what}: {text}"))
     }

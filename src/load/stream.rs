@@ -20,7 +20,7 @@ use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, MIB, Report};
 use super::sys;
 use super::workers;
-use crate::error::{Error, count};
+use forkd::error::{Error, count};
 
 /// Size of each reader's buffer.
 const READ_BUF: usize = 64 << 10;

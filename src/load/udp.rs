@@ -26,7 +26,7 @@ use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
 use super::sys;
 use super::workers;
-use crate::error::Error;
+use forkd::error::Error;
 
 /// Offsets into a worker's pattern, so consecutive datagrams differ.
 const SHIFTS: usize = 251;

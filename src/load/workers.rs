@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::progress::Progress;
-use crate::error::{EXIT_OSERR, Error};
+use forkd::error::{EXIT_OSERR, Error};
 
 /// Run `n` threads named `{what}-{i}` (with `stack` bytes of stack, if
 /// given), each calling `work(i)`, ticking `progress` until they all finish;

@@ -11,6 +11,46 @@ use std::time::{Duration, Instant};
 
 pub const FORKD: &str = env!("CARGO_BIN_EXE_forkd");
 
+/// The `forkd-load` binary, built beside forkd's: it is another package's
+/// (src/load), so cargo gives this test no path to it and may not have
+/// built it. Built once per test process (a no-op when up to date).
+pub fn forkd_load() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::path::Path::new(FORKD).with_file_name("forkd-load");
+        let profile = std::path::Path::new(FORKD)
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|d| d.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "forkd-load",
+            "--bin",
+            "forkd-load",
+        ]);
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("run cargo build for forkd-load");
+        assert!(
+            status.success() && path.is_file(),
+            "cannot build {}",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
+}
+
 /// Poll `cond` every 10 ms until it holds or `limit` passes; true if it held.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
@@ -274,7 +314,7 @@ pub fn roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
 /// Deterministic pseudo-random bytes, different per `seed` (the pattern
 /// forkd-load sends).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    forkd::load::pattern::bytes(len, seed)
+    forkd_load::pattern::bytes(len, seed)
 }
 
 /// Echo one message on an open connection and check it comes back.

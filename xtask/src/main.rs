@@ -7,7 +7,7 @@
 //!   `cargo deb ARGS...` (cargo-deb, configured in Cargo.toml).
 //!
 //! The pages and completions come from the clap definitions `--help` prints
-//! (`forkd::cli::Config`, `forkd::load::cli::Args`); the SIGNALS and EXIT
+//! (`forkd::cli::Config`, `forkd_load::cli::Args`); the SIGNALS and EXIT
 //! STATUS sections of forkd(8) from the README's tables of the same names,
 //! and a connection's exit codes from `forkd::exit_code`. A separate
 //! program, so that neither forkd nor forkd-load links clap_mangen or
@@ -67,7 +67,7 @@ fn assets(dir: &Path) -> Result<Vec<PathBuf>, String> {
     ];
     for (name, cmd) in [
         ("forkd", forkd::cli::Config::command()),
-        ("forkd-load", forkd::load::cli::Args::command()),
+        ("forkd-load", forkd_load::cli::Args::command()),
     ] {
         for (shell, path) in [
             (Shell::Bash, format!("completions/bash/{name}")),
@@ -372,7 +372,7 @@ README.md and docs/systemd.md (in /usr/share/doc/forkd with the Debian package).
 
 /// forkd-load(1): the top level, then each subcommand's options.
 fn load_page() -> String {
-    let mut cmd = forkd::load::cli::Args::command();
+    let mut cmd = forkd_load::cli::Args::command();
     cmd.build();
     let long = cmd
         .get_long_about()
@@ -418,7 +418,7 @@ fn load_page() -> String {
     }
     let mut status = String::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
-    for line in forkd::load::EXIT_CODES_HELP.lines().skip(1) {
+    for line in forkd_load::EXIT_CODES_HELP.lines().skip(1) {
         let line = line.trim();
         match line.split_once(' ') {
             Some((code, text)) if code.parse::<u8>().is_ok() => {
@@ -477,7 +477,7 @@ mod tests {
     #[test]
     fn load_page_has_every_subcommand_option_and_code() {
         let page = load_page();
-        for sub in forkd::load::cli::Args::command().get_subcommands() {
+        for sub in forkd_load::cli::Args::command().get_subcommands() {
             assert!(page.contains(&format!(".SH FORKD-LOAD {}", sub.get_name().to_uppercase())));
             for arg in sub.get_arguments() {
                 if let Some(long) = arg.get_long() {

@@ -43,7 +43,7 @@ pub mod workers;
 
 use std::process::ExitCode;
 
-use crate::error::Error;
+use forkd::error::Error;
 
 /// Every run was clean.
 pub const EXIT_OK: u8 = 0;
@@ -51,11 +51,11 @@ pub const EXIT_OK: u8 = 0;
 /// other), or fewer connections were served than asked for.
 pub const EXIT_ERRORS: u8 = 1;
 /// An operating-system failure in the generator itself (threads, limits, /proc).
-pub use crate::error::EXIT_OSERR;
+pub use forkd::error::EXIT_OSERR;
 /// A server to measure could not be found, built or started.
-pub use crate::error::EXIT_UNAVAILABLE;
+pub use forkd::error::EXIT_UNAVAILABLE;
 /// Bad command line.
-pub use crate::error::EXIT_USAGE;
+pub use forkd::error::EXIT_USAGE;
 /// The output directory or a file in it could not be written.
 pub const EXIT_CANTCREAT: u8 = 73;
 
@@ -73,11 +73,11 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
 pub fn main() -> ExitCode {
     let args = match cli::Args::from_args(std::env::args_os()) {
         Ok(a) => a,
-        Err(crate::cli::ParseOutcome::Print(text)) => {
+        Err(forkd::cli::ParseOutcome::Print(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Err(crate::cli::ParseOutcome::Error(e)) => return fail(&e),
+        Err(forkd::cli::ParseOutcome::Error(e)) => return fail(&e),
     };
     match run(args) {
         Ok(code) => ExitCode::from(code),
