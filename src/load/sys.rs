@@ -8,12 +8,14 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, connect as connect_fd, setsockopt, socket,
     sockopt,
 };
 use nix::sys::time::TimeVal;
+use nix::unistd::Pid;
 
 /// Connect to `addr`, with `timeout` on the connect and on every later read
 /// and write.
@@ -85,40 +87,25 @@ pub fn split_cpus() -> Option<(Vec<usize>, Vec<usize>)> {
 
 /// The CPU numbers in this process's affinity mask.
 fn allowed_cpus() -> Option<Vec<usize>> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set, and sched_getaffinity
-    // writes at most size_of::<cpu_set_t>() bytes into it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
-        }
-        Some(
-            (0..libc::CPU_SETSIZE as usize)
-                .filter(|&c| libc::CPU_ISSET(c, &set))
-                .collect(),
-        )
-    }
+    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    Some(
+        (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+    )
 }
 
 /// Restrict the calling thread (and threads it starts later) to `cpus`.
 ///
-/// Only makes the sched_setaffinity system call, so it may also run between
-/// fork and exec (`pre_exec`).
+/// Allocates nothing and makes only the sched_setaffinity system call, so
+/// it may also run between fork and exec (`pre_exec`).
 pub fn pin_current(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: as in allowed_cpus; CPU_SET only sets bits inside the set, for
-    // CPU numbers that came from CPU_ISSET below CPU_SETSIZE.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c)?;
     }
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
 }
 
 /// Clock ticks per second, the unit of CPU times in /proc/PID/stat.
@@ -126,4 +113,25 @@ pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_thread_runs_on_the_cpus_it_was_given() {
+        let allowed = allowed_cpus().expect("sched_getaffinity");
+        assert!(!allowed.is_empty());
+        let last = *allowed.last().unwrap();
+        // In a thread of its own, so the test's other threads keep their CPUs.
+        let after = std::thread::spawn(move || {
+            pin_current(&[last]).unwrap();
+            allowed_cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(after, Some(vec![last]));
+        assert!(pin_current(&[CpuSet::count()]).is_err());
+    }
 }
