@@ -19,19 +19,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::error::Error;
-
-/// Who runs the echo handler for an accepted connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// One child process per connection, forked by the dispatcher.
-    Fork,
-    /// One thread per connection inside the dispatcher process.
-    Thread,
-    /// A pool of worker processes forked at start, each serving one connection at a time.
-    Prefork,
-    /// One epoll loop over every connection, in the dispatcher's one thread.
-    Event,
-}
+pub use crate::model::Mode;
+pub use crate::usage::ParseOutcome;
 
 /// When the fork-mode dispatcher collects its finished children.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -230,15 +219,9 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        match Config::try_parse_from(args) {
-            Ok(config) => config.check().map_err(ParseOutcome::Error),
-            Err(e) => match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    Err(ParseOutcome::Print(e.to_string()))
-                }
-                _ => Err(ParseOutcome::Error(Error::usage(one_line(&e)))),
-            },
-        }
+        crate::usage::parse::<Config>(args, |_| None)?
+            .check()
+            .map_err(ParseOutcome::Error)
     }
 
     /// Checks across options that clap cannot express.
@@ -327,11 +310,12 @@ impl Config {
         }
     }
 
-    /// Prefork mode: the pool's size, `--workers` or [`default_workers`]
+    /// Prefork mode: the pool's size, `--workers` or
+    /// [`default_workers`](crate::prefork::default_workers)
     /// (never more than `--max-conns`).
     pub fn pool(&self) -> usize {
         self.workers
-            .unwrap_or_else(default_workers)
+            .unwrap_or_else(crate::prefork::default_workers)
             .min(self.max_conns)
     }
 
@@ -424,65 +408,9 @@ fn parse_prefixes(s: &str) -> Result<(u8, u8), String> {
     Ok((v4, v6))
 }
 
-/// The default pool of prefork mode: 8 workers per CPU this process may
-/// run on. A worker spends most of a connection waiting for its client, so a
-/// pool the size of the CPU count would leave the CPUs idle; 8 per CPU keeps
-/// them busy under a short-connection load (measured: see docs/prefork.md)
-/// while a pool stays a few MiB.
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) * 8
-}
-
 /// The largest `--buffer`: far above any useful echo buffer, far below what
 /// a connection's allocation could fail on.
 pub const MAX_BUFFER: usize = 64 << 20;
-
-/// What parsing the command line ended with when it did not give a config.
-#[derive(Debug)]
-pub enum ParseOutcome {
-    /// --help or --version: print this and exit 0.
-    Print(String),
-    Error(Error),
-}
-
-/// clap's error as one line: what is wrong, the argument it is about, and
-/// what clap lists under it (the possible values, the missing arguments, a
-/// similar argument), without the usage and `--help` lines that follow.
-///
-/// `invalid value 'bogus' for '--mode <MODE>' [possible values: fork, thread]`,
-/// `the following required arguments were not provided: --addr <ADDR>`,
-/// `unexpected argument '--mod' found; tip: a similar argument exists: '--mode'`.
-pub fn one_line(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let mut out = String::new();
-    // After a line ending in ':' clap lists items, one per line.
-    let mut listing = false;
-    for line in text.lines().map(str::trim) {
-        if line.starts_with("Usage:") || line.starts_with("For more information") {
-            break;
-        }
-        if line.is_empty() {
-            continue;
-        }
-        let line = line.strip_prefix("error: ").unwrap_or(line);
-        if !out.is_empty() {
-            out.push_str(if out.ends_with(':') || line.starts_with('[') {
-                " "
-            } else if listing && !line.starts_with("tip:") {
-                ", "
-            } else {
-                "; "
-            });
-        }
-        listing = line.ends_with(':') || (listing && !line.starts_with("tip:"));
-        out.push_str(line);
-    }
-    if out.is_empty() {
-        "bad arguments".to_string()
-    } else {
-        out
-    }
-}
 
 /// The longest duration any option takes: ten years (as humantime counts
 /// them, 365.25 days each). The dispatcher adds `--grace` to the monotonic

@@ -11,7 +11,8 @@
 //!   graceful stop.
 //! - [`udp`]: UDP echo, served in the dispatcher's loop (no process or
 //!   thread per datagram), with inetd's source checks and a per-source limit.
-//! - [`model`]: what a concurrency model is to the dispatcher ([`model::Model`]).
+//! - [`model`]: what a concurrency model is to the dispatcher ([`model::Model`]),
+//!   and the models there are ([`model::Mode`]).
 //! - [`fork`]: fork mode, the dispatcher's side (fork, close, record).
 //! - [`child`]: fork mode, the child's side (hygiene, title, echo, `_exit`).
 //! - [`thread`]: thread mode, one thread per connection.
@@ -44,9 +45,12 @@
 //! - [`privdrop`]: `--user` / `--group`.
 //! - [`title`]: process names and titles for `ps`.
 //! - [`error`]: start-up errors and the documented exit codes.
+//! - [`usage`]: a command line that cannot be run (help, version, one-line
+//!   usage errors), and the one place an error is reported; forkd-load
+//!   uses it too.
 //!
 //! A new model is one new file implementing [`model::Model`], plus its line
-//! in [`cli::Mode`] and [`server`]; a model that works inside the
+//! in [`model::Mode`] and [`server`]; a model that works inside the
 //! dispatcher's thread, as [`event`] does, joins its poll loop through
 //! [`model::Model::poll_fd`]. Prefork is the exception: its parent never
 //! accepts, so it has its own loop ([`prefork`]) rather than the dispatcher's.
@@ -91,31 +95,14 @@ pub mod thread;
 pub mod title;
 pub mod udp;
 pub mod upgrade;
+pub mod usage;
 pub mod worker;
 
-use std::process::ExitCode;
-
 /// The whole program: parse the arguments, run, report an error once.
-pub fn main() -> ExitCode {
-    let config = match cli::Config::from_args(std::env::args_os()) {
-        Ok(c) => c,
-        Err(cli::ParseOutcome::Print(text)) => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Err(cli::ParseOutcome::Error(e)) => return fail(&e),
-    };
-    match server::run(config) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => fail(&e),
-    }
-}
-
-fn fail(e: &error::Error) -> ExitCode {
-    // Not eprintln!, which panics when the write fails: stderr may be
-    // forkd's own non-blocking description of a pipe nobody reads
-    // (see logging), and the documented exit code matters more.
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "forkd: error: {e}");
-    ExitCode::from(e.code)
+pub fn main() -> std::process::ExitCode {
+    usage::main(
+        "forkd",
+        cli::Config::from_args(std::env::args_os()),
+        server::run,
+    )
 }

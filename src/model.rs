@@ -17,6 +17,19 @@ use nix::sys::signal::Signal;
 use crate::echo::End;
 use crate::exit_code;
 
+/// Who runs the echo handler for an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// One child process per connection, forked by the dispatcher.
+    Fork,
+    /// One thread per connection inside the dispatcher process.
+    Thread,
+    /// A pool of worker processes forked at start, each serving one connection at a time.
+    Prefork,
+    /// One epoll loop over every connection, in the dispatcher's one thread.
+    Event,
+}
+
 pub trait Model {
     /// For the status line: "fork (reap handler)", "thread", ...
     fn name(&self) -> String;

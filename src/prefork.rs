@@ -46,6 +46,15 @@ use crate::udp::Udp;
 use crate::worker::{self, Setup, TERMS, code};
 use crate::{logging, reaper, systemd};
 
+/// The default pool of prefork mode: 8 workers per CPU this process may
+/// run on. A worker spends most of a connection waiting for its client, so a
+/// pool the size of the CPU count would leave the CPUs idle; 8 per CPU keeps
+/// them busy under a short-connection load (measured: see docs/prefork.md)
+/// while a pool stays a few MiB.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 8
+}
+
 /// A worker that ends sooner than this after its start "died at once".
 pub const QUICK: Duration = Duration::from_secs(1);
 /// The first respawn delay after a quick death; it doubles up to [`MOST_DELAY`].

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
-use forkd::cli::{Mode, ParseOutcome};
-use forkd::error::Error;
+use forkd::model::Mode;
+use forkd::usage::{ParseOutcome, one_line};
 
 /// Longest run any subcommand accepts.
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
@@ -293,31 +293,20 @@ impl Args {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        match Args::try_parse_from(args) {
-            Ok(a) => Ok(a),
-            Err(e) => {
-                use clap::error::ErrorKind;
-                let message = match e.kind() {
-                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                        return Err(ParseOutcome::Print(e.render().to_string()));
-                    }
-                    // No subcommand is a bad command line (exit 64), not a request for help.
-                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => format!(
-                        "no subcommand given: {} (forkd-load --help describes them)",
-                        subcommands()
-                    ),
-                    ErrorKind::InvalidSubcommand => {
-                        format!(
-                            "{} [subcommands: {}]",
-                            forkd::cli::one_line(&e),
-                            subcommands()
-                        )
-                    }
-                    _ => forkd::cli::one_line(&e),
-                };
-                Err(ParseOutcome::Error(Error::usage(message)))
+        forkd::usage::parse::<Args>(args, |e| {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                // No subcommand is a bad command line (exit 64), not a request for help.
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => Some(format!(
+                    "no subcommand given: {} (forkd-load --help describes them)",
+                    subcommands()
+                )),
+                ErrorKind::InvalidSubcommand => {
+                    Some(format!("{} [subcommands: {}]", one_line(e), subcommands()))
+                }
+                _ => None,
             }
-        }
+        })
     }
 }
 

@@ -71,18 +71,7 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
 
 /// The whole `forkd-load` program: parse, run, report an error once.
 pub fn main() -> ExitCode {
-    let args = match cli::Args::from_args(std::env::args_os()) {
-        Ok(a) => a,
-        Err(forkd::cli::ParseOutcome::Print(text)) => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Err(forkd::cli::ParseOutcome::Error(e)) => return fail(&e),
-    };
-    match run(args) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => fail(&e),
-    }
+    forkd::usage::main("forkd-load", cli::Args::from_args(std::env::args_os()), run)
 }
 
 /// Run one subcommand; `Ok` carries the exit status (0 or [`EXIT_ERRORS`]).
@@ -94,9 +83,4 @@ pub fn run(args: cli::Args) -> Result<u8, Error> {
         cli::Command::Udp(a) => udp::main(&a),
         cli::Command::Compare(a) => compare::main(&a),
     }
-}
-
-fn fail(e: &Error) -> ExitCode {
-    eprintln!("forkd-load: error: {e}");
-    ExitCode::from(e.code)
 }

@@ -18,8 +18,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::EXIT_CANTCREAT;
-use forkd::cli::Mode;
 use forkd::error::{EXIT_UNAVAILABLE, Error};
+use forkd::model::Mode;
 
 /// How long a server may take to say it is listening.
 pub const READY_WAIT: Duration = Duration::from_secs(10);
@@ -162,7 +162,7 @@ impl Launcher {
     /// The pool of forkd's prefork mode and of the prefork floor: forkd's
     /// default for this machine, or the capacity if that is less.
     pub fn workers(&self) -> usize {
-        forkd::cli::default_workers().min(self.capacity)
+        forkd::prefork::default_workers().min(self.capacity)
     }
 
     pub fn start(&self, kind: Kind) -> Result<Started, Error> {
