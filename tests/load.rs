@@ -584,9 +584,9 @@ fn figure(cell: &str) -> f64 {
 /// README's "A real run": its table, and the settings and machine its text
 /// gives (`DURATION=10s scripts/bench.sh`: 2 rounds; rate 32 workers x 64 B,
 /// stream 4 connections x 64 KiB, hold 2000; 2 CPUs, Linux 6.18.44).
-fn readme_run() -> forkd_load::compare::Comparison {
+fn readme_run() -> forkd_load::comparison::Comparison {
     use forkd_load::cli::Workload;
-    use forkd_load::compare::{Comparison, Machine, Row, Settings};
+    use forkd_load::comparison::{Comparison, Machine, Row, Settings};
     use forkd_load::report::{Latency, Report};
     let readme =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))

@@ -15,8 +15,8 @@ use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::compare::{Comparison, Row};
-use super::markdown;
+use super::comparison::{Comparison, Row};
+use super::markdown::{self, short};
 
 /// One panel: a metric, its axis, and how to read and label it.
 struct Panel {
@@ -269,24 +269,6 @@ fn ms(v: f64) -> String {
         format!("{v:.3}")
     } else {
         format!("{v:.4}")
-    }
-}
-
-/// 12345 → "12.3k", 3.14159 → "3.14".
-pub fn short(v: f64) -> String {
-    let a = v.abs();
-    if a == 0.0 {
-        "0".to_string()
-    } else if a >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if a >= 1e4 {
-        format!("{:.1}k", v / 1e3)
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
     }
 }
 

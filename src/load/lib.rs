@@ -18,8 +18,10 @@
 //! - [`workers`]: a workload's threads, started, watched and gathered.
 //! - [`targets`]: starting the servers `compare` measures (forkd, the C
 //!   floor servers (fork, thread, UDP), Python, socat, tcpserver).
-//! - [`compare`]: the comparison run and `compare.json`.
-//! - [`markdown`] and [`chart`]: `compare.md` and `compare.svg`.
+//! - [`compare`]: the comparison run.
+//! - [`comparison`]: what it found, as `compare.json` holds it (below
+//!   [`markdown`] and [`chart`], which draw it as `compare.md` and
+//!   `compare.svg`).
 //!
 //! The load generator is honest by construction: every byte that comes back
 //! is compared with the byte sent, a reply that is corrupt, short or too long
@@ -28,6 +30,7 @@
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod comparison;
 pub mod hold;
 pub mod markdown;
 pub mod pattern;

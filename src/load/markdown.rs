@@ -1,9 +1,8 @@
 //! `compare.md`: the comparison as a Markdown table, one row per server,
 //! with the machine and settings it was measured with.
 
-use super::chart::short;
 use super::cli::Workload;
-use super::compare::{Comparison, Row, Settings};
+use super::comparison::{Comparison, Row, Settings};
 use forkd::error::count;
 
 /// The whole file.
@@ -185,5 +184,23 @@ fn bytes(n: usize) -> String {
         n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
         n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
         n => format!("{n} B"),
+    }
+}
+
+/// 12345 → "12.3k", 3.14159 → "3.14".
+pub fn short(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".to_string()
+    } else if a >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.1}k", v / 1e3)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
     }
 }
