@@ -8,6 +8,7 @@
 //! machine that drifts (another build starting, a CPU warming up) weighs on
 //! every server alike. `hold` runs once per server, last.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use super::cli::{CompareArgs, Workload};
 use super::comparison::{Comparison, Machine, Row, Settings, Skipped};
 use super::report::Report;
 use super::targets::{Kind, Launcher, Server, Started};
+use super::workers::Outcome;
 use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys, udp};
 use forkd::error::Error;
 
@@ -33,7 +35,8 @@ struct Slot {
     notes: Vec<String>,
 }
 
-/// `forkd-load compare`.
+/// `forkd-load compare`: start the servers, measure them, stop them, then
+/// write and print what was found.
 pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     let out = a.out.clone();
     for dir in [out.clone(), out.join("logs")] {
@@ -41,29 +44,65 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
     }
     // Counted before pinning, which narrows what this process may use.
     let cpus = sys::cpus();
-    let mut notes = Vec::new();
-    let mut pinned = None;
-    let mut server_cpus = None;
-    if a.pin {
-        match sys::split_cpus() {
-            Some((servers, generator)) => {
-                sys::pin_current(&generator)
-                    .map_err(|e| Error::os("cannot pin forkd-load to its CPUs", e))?;
-                pinned = Some(format!(
-                    "servers pinned to CPUs {servers:?}, forkd-load to {generator:?}"
-                ));
-                server_cpus = Some(servers);
-            }
-            None => notes.push("--pin needs at least 2 CPUs: nothing pinned".to_string()),
-        }
-    }
+    let (pinning, notes) = pin(a)?;
     let launcher = Launcher {
         out: out.clone(),
         forkd: Launcher::find_forkd(a.forkd.as_deref())?,
         capacity: a.hold.max(a.concurrency) + 1024,
-        cpus: server_cpus,
+        cpus: pinning.as_ref().map(|p| p.servers.clone()),
     };
+    let (mut slots, skipped) = start(&launcher, kinds(a))?;
+    measure(a, &mut slots)?;
+    let comparison = Comparison {
+        machine: machine(cpus, pinning.map(|p| p.said)),
+        settings: settings(a),
+        servers: slots.into_iter().map(|s| stop(a, s)).collect(),
+        skipped,
+        notes,
+    };
+    write_outputs(&out, &comparison)?;
+    print(a, &comparison);
+    eprintln!(
+        "forkd-load: wrote {0}/compare.md, {0}/compare.svg, {0}/compare.json",
+        out.display()
+    );
+    if comparison.servers.iter().all(|r| r.ok) {
+        Ok(EXIT_OK)
+    } else {
+        Ok(EXIT_ERRORS)
+    }
+}
 
+/// With `--pin`, the servers' CPUs and how the pinning is said.
+struct Pinning {
+    servers: Vec<usize>,
+    said: String,
+}
+
+/// `--pin`: pin this process to the second half of the CPUs, and return the
+/// first half for the servers; a note instead when there are too few.
+fn pin(a: &CompareArgs) -> Result<(Option<Pinning>, Vec<String>), Error> {
+    if !a.pin {
+        return Ok((None, Vec::new()));
+    }
+    match sys::split_cpus() {
+        Some((servers, generator)) => {
+            sys::pin_current(&generator)
+                .map_err(|e| Error::os("cannot pin forkd-load to its CPUs", e))?;
+            let said = format!("servers pinned to CPUs {servers:?}, forkd-load to {generator:?}");
+            Ok((Some(Pinning { servers, said }), Vec::new()))
+        }
+        None => Ok((
+            None,
+            vec!["--pin needs at least 2 CPUs: nothing pinned".to_string()],
+        )),
+    }
+}
+
+/// The servers to measure, in the order of the table: forkd's modes, then
+/// (`--floor`) the floor of each model measured and the UDP one, then
+/// (`--peers`) the others.
+fn kinds(a: &CompareArgs) -> Vec<Kind> {
     let mut kinds: Vec<Kind> = Vec::new();
     for m in &a.modes {
         if !kinds.contains(&Kind::Forkd(*m)) {
@@ -90,6 +129,11 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             Kind::Tcpserver,
         ]);
     }
+    kinds
+}
+
+/// Start every server: a slot for each that runs, a line for each skipped.
+fn start(launcher: &Launcher, kinds: Vec<Kind>) -> Result<(Vec<Slot>, Vec<Skipped>), Error> {
     let mut slots = Vec::new();
     let mut skipped = Vec::new();
     for kind in kinds {
@@ -120,82 +164,93 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
             }
         }
     }
+    Ok((slots, skipped))
+}
 
+/// Every workload asked for on every server it applies to: the timed ones
+/// in rounds, each round in the other order, then `hold` once each.
+fn measure(a: &CompareArgs, slots: &mut [Slot]) -> Result<(), Error> {
     let wants = |w: Workload| a.workloads.contains(&w);
     let slice = a.duration / a.rounds;
+    let tcp = |s: &Server| s.kind.tcp().then_some(s.addr);
     for round in 0..a.rounds {
         let order: Vec<usize> = if round % 2 == 0 {
             (0..slots.len()).collect()
         } else {
             (0..slots.len()).rev().collect()
         };
-        for &i in order.iter().filter(|_| wants(Workload::Rate)) {
-            let s = &mut slots[i];
-            if !s.server.kind.tcp() || !still_running(s, "rate") {
-                continue;
-            }
-            let plan = rate::Plan {
-                addr: s.server.addr,
-                duration: slice,
-                concurrency: a.concurrency,
-                size: a.size,
-                timeout: a.timeout,
-                pid: Some(s.server.pid()),
-                pace: a.pace,
-                proxy: None,
-            };
-            let o = rate::run(&plan, &format!("rate {}", s.server.name()))?;
-            match &mut s.rate {
-                Some(r) => r.merge(&o),
-                None => s.rate = Some(o),
-            }
-            std::thread::sleep(BETWEEN_RUNS);
+        if wants(Workload::Rate) {
+            each(
+                slots,
+                &order,
+                "rate",
+                tcp,
+                |s| &mut s.rate,
+                |addr, pid, label| {
+                    let plan = rate::Plan {
+                        addr,
+                        duration: slice,
+                        concurrency: a.concurrency,
+                        size: a.size,
+                        timeout: a.timeout,
+                        pid: Some(pid),
+                        pace: a.pace,
+                        proxy: None,
+                    };
+                    rate::run(&plan, label)
+                },
+            )?;
         }
-        for &i in order.iter().filter(|_| wants(Workload::Stream)) {
-            let s = &mut slots[i];
-            if !s.server.kind.tcp() || !still_running(s, "stream") {
-                continue;
-            }
-            let plan = stream::Plan {
-                addr: s.server.addr,
-                duration: slice,
-                conns: a.stream_conns,
-                size: a.stream_size,
-                timeout: a.timeout,
-                pid: Some(s.server.pid()),
-            };
-            let o = stream::run(&plan, &format!("stream {}", s.server.name()))?;
-            match &mut s.stream {
-                Some(r) => r.merge(&o),
-                None => s.stream = Some(o),
-            }
-            std::thread::sleep(BETWEEN_RUNS);
+        if wants(Workload::Stream) {
+            each(
+                slots,
+                &order,
+                "stream",
+                tcp,
+                |s| &mut s.stream,
+                |addr, pid, label| {
+                    let plan = stream::Plan {
+                        addr,
+                        duration: slice,
+                        conns: a.stream_conns,
+                        size: a.stream_size,
+                        timeout: a.timeout,
+                        pid: Some(pid),
+                    };
+                    stream::run(&plan, label)
+                },
+            )?;
         }
-        for &i in order.iter().filter(|_| wants(Workload::Udp)) {
-            let s = &mut slots[i];
-            let Some(addr) = s.server.udp else {
-                continue;
-            };
-            if !still_running(s, "udp") {
-                continue;
-            }
-            let plan = udp::Plan {
-                addr,
-                duration: slice,
-                concurrency: a.concurrency,
-                size: a.udp_size,
-                wait: a.udp_wait,
-                pid: Some(s.server.pid()),
-            };
-            let o = udp::run(&plan, &format!("udp {}", s.server.name()))?;
-            match &mut s.udp {
-                Some(r) => r.merge(&o),
-                None => s.udp = Some(o),
-            }
-            std::thread::sleep(BETWEEN_RUNS);
+        if wants(Workload::Udp) {
+            each(
+                slots,
+                &order,
+                "udp",
+                |s| s.udp,
+                |s| &mut s.udp,
+                |addr, pid, label| {
+                    let plan = udp::Plan {
+                        addr,
+                        duration: slice,
+                        concurrency: a.concurrency,
+                        size: a.udp_size,
+                        wait: a.udp_wait,
+                        pid: Some(pid),
+                    };
+                    udp::run(&plan, label)
+                },
+            )?;
         }
     }
-    for s in slots.iter_mut().filter(|_| wants(Workload::Hold)) {
+    if wants(Workload::Hold) {
+        hold_each(a, slots)?;
+    }
+    Ok(())
+}
+
+/// `hold`, once on each TCP server that still runs, a pause after each.
+fn hold_each(a: &CompareArgs, slots: &mut [Slot]) -> Result<(), Error> {
+    for s in slots.iter_mut() {
         if !s.server.kind.tcp() || !still_running(s, "hold") {
             continue;
         }
@@ -209,102 +264,134 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         s.hold = Some(hold::run(&plan, &format!("hold {}", s.server.name()))?);
         std::thread::sleep(BETWEEN_RUNS);
     }
+    Ok(())
+}
 
-    let mut rows = Vec::new();
-    for mut s in slots {
-        let stopped = s.server.stop();
-        let name = s.server.name().to_string();
-        let addr = s.server.addr;
-        let tag = |mut r: Report| {
-            r.target = Some(name.clone());
-            r
+/// One round of one timed workload: in `order`, each server that has an
+/// address for it (`target`) and still runs, measured by `run(address,
+/// pid, label)`, merged into what the slot keeps of it (`kept`); a pause
+/// after each.
+fn each<O: Outcome>(
+    slots: &mut [Slot],
+    order: &[usize],
+    workload: &str,
+    target: impl Fn(&Server) -> Option<SocketAddr>,
+    kept: impl Fn(&mut Slot) -> &mut Option<O>,
+    run: impl Fn(SocketAddr, i32, &str) -> Result<O, Error>,
+) -> Result<(), Error> {
+    for &i in order {
+        let s = &mut slots[i];
+        let Some(addr) = target(&s.server) else {
+            continue;
         };
-        let rate = s.rate.map(|o| tag(o.report(addr)));
-        let stream = s.stream.map(|o| tag(o.report(addr)));
-        let hold = s.hold.map(tag);
-        let udp = s.udp.map(|o| tag(o.report(s.server.udp.unwrap_or(addr))));
-        // What applies: TCP workloads to TCP servers, udp to UDP ones.
-        let tcp = s.server.kind.tcp();
-        let serves_udp = s.server.udp.is_some() || s.server.kind == Kind::FloorUdp;
-        if wants(Workload::Udp) && s.server.kind.family() == "forkd" && s.server.udp.is_none() {
-            s.notes.push("forkd printed no UDP address".to_string());
+        if !still_running(s, workload) {
+            continue;
         }
-        let ran_all = [
-            (Workload::Rate, rate.is_some() || !tcp),
-            (Workload::Stream, stream.is_some() || !tcp),
-            (Workload::Hold, hold.is_some() || !tcp),
-            (Workload::Udp, udp.is_some() || !serves_udp),
-        ]
-        .iter()
-        .all(|&(w, ran)| ran || !wants(w));
-        let clean = [&rate, &stream, &hold, &udp]
-            .iter()
-            .all(|r| r.as_ref().is_none_or(|r| r.ok));
-        if s.server.kind.family() == "forkd" && stopped != "exit 0" {
-            s.notes
-                .push(format!("forkd did not stop cleanly on SIGTERM: {stopped}"));
+        let o = run(
+            addr,
+            s.server.pid(),
+            &format!("{workload} {}", s.server.name()),
+        )?;
+        match kept(s) {
+            Some(r) => r.merge(&o),
+            none => *none = Some(o),
         }
-        rows.push(Row {
-            name,
-            family: s.server.kind.family(),
-            forks: s.server.kind.forks(),
-            rate,
-            stream,
-            hold,
-            udp,
-            stopped,
-            notes: s.notes,
-            ok: ran_all && clean,
-        });
+        std::thread::sleep(BETWEEN_RUNS);
     }
+    Ok(())
+}
 
-    let comparison = Comparison {
-        machine: machine(cpus, pinned),
-        settings: Settings {
-            workloads: Workload::ALL.into_iter().filter(|&w| wants(w)).collect(),
-            duration_s: a.duration.as_secs_f64(),
-            rounds: a.rounds,
-            concurrency: a.concurrency,
-            size: a.size,
-            pace_per_s: a.pace,
-            stream_conns: a.stream_conns,
-            stream_size: a.stream_size,
-            hold: a.hold,
-            udp_size: a.udp_size,
-            timeout_s: a.timeout.as_secs_f64(),
-        },
-        servers: rows,
-        skipped,
-        notes,
+/// Stop a server and make its row: its reports, and whether every
+/// workload that applies ran and was clean.
+fn stop(a: &CompareArgs, mut s: Slot) -> Row {
+    let wants = |w: Workload| a.workloads.contains(&w);
+    let stopped = s.server.stop();
+    let name = s.server.name().to_string();
+    let addr = s.server.addr;
+    let tag = |mut r: Report| {
+        r.target = Some(name.clone());
+        r
     };
-    write_outputs(&out, &comparison)?;
+    let rate = s.rate.map(|o| tag(o.report(addr)));
+    let stream = s.stream.map(|o| tag(o.report(addr)));
+    let hold = s.hold.map(tag);
+    let udp = s.udp.map(|o| tag(o.report(s.server.udp.unwrap_or(addr))));
+    // What applies: TCP workloads to TCP servers, udp to UDP ones.
+    let tcp = s.server.kind.tcp();
+    let serves_udp = s.server.udp.is_some() || s.server.kind == Kind::FloorUdp;
+    if wants(Workload::Udp) && s.server.kind.family() == "forkd" && s.server.udp.is_none() {
+        s.notes.push("forkd printed no UDP address".to_string());
+    }
+    let ran_all = [
+        (Workload::Rate, rate.is_some() || !tcp),
+        (Workload::Stream, stream.is_some() || !tcp),
+        (Workload::Hold, hold.is_some() || !tcp),
+        (Workload::Udp, udp.is_some() || !serves_udp),
+    ]
+    .iter()
+    .all(|&(w, ran)| ran || !wants(w));
+    let clean = [&rate, &stream, &hold, &udp]
+        .iter()
+        .all(|r| r.as_ref().is_none_or(|r| r.ok));
+    if s.server.kind.family() == "forkd" && stopped != "exit 0" {
+        s.notes
+            .push(format!("forkd did not stop cleanly on SIGTERM: {stopped}"));
+    }
+    Row {
+        name,
+        family: s.server.kind.family(),
+        forks: s.server.kind.forks(),
+        rate,
+        stream,
+        hold,
+        udp,
+        stopped,
+        notes: s.notes,
+        ok: ran_all && clean,
+    }
+}
+
+/// The workloads' settings, for the JSON and the table's heading.
+fn settings(a: &CompareArgs) -> Settings {
+    Settings {
+        workloads: Workload::ALL
+            .into_iter()
+            .filter(|w| a.workloads.contains(w))
+            .collect(),
+        duration_s: a.duration.as_secs_f64(),
+        rounds: a.rounds,
+        concurrency: a.concurrency,
+        size: a.size,
+        pace_per_s: a.pace,
+        stream_conns: a.stream_conns,
+        stream_size: a.stream_size,
+        hold: a.hold,
+        udp_size: a.udp_size,
+        timeout_s: a.timeout.as_secs_f64(),
+    }
+}
+
+/// Every run as JSON (`--json`), or the tables, with the text of each run
+/// that was not clean on stderr.
+fn print(a: &CompareArgs, c: &Comparison) {
     if a.json {
-        for r in &comparison.servers {
+        for r in &c.servers {
             for rep in [&r.rate, &r.stream, &r.hold, &r.udp].into_iter().flatten() {
                 rep.print(true);
             }
         }
     } else {
-        print!("{}", markdown::table(&comparison.servers));
-        if comparison.servers.iter().any(|r| r.udp.is_some()) {
-            print!("\n{}", markdown::udp_table(&comparison.servers));
+        print!("{}", markdown::table(&c.servers));
+        if c.servers.iter().any(|r| r.udp.is_some()) {
+            print!("\n{}", markdown::udp_table(&c.servers));
         }
-        for r in &comparison.servers {
+        for r in &c.servers {
             for rep in [&r.rate, &r.stream, &r.hold, &r.udp].into_iter().flatten() {
                 if !rep.ok {
                     eprint!("{}", rep.text());
                 }
             }
         }
-    }
-    eprintln!(
-        "forkd-load: wrote {0}/compare.md, {0}/compare.svg, {0}/compare.json",
-        out.display()
-    );
-    if comparison.servers.iter().all(|r| r.ok) {
-        Ok(EXIT_OK)
-    } else {
-        Ok(EXIT_ERRORS)
     }
 }
 

@@ -17,11 +17,9 @@ use hdrhistogram::Histogram;
 
 use super::cli::{ProxyVersion, RateArgs};
 use super::pattern;
-use super::proctree;
-use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
 use super::sys;
-use super::workers;
+use super::workers::{self, Cost};
 use forkd::error::{Error, count};
 
 /// Offsets into a worker's pattern, so consecutive connections send different bytes.
@@ -55,29 +53,22 @@ pub struct Outcome {
     pub bytes: u64,
     pub errors: Errors,
     pub latency: Histogram<u64>,
-    pub elapsed: Duration,
-    pub gen_cpu_s: f64,
-    pub server_cpu_s: Option<f64>,
+    pub cost: Cost,
     pub pace: Option<f64>,
 }
 
-impl Outcome {
-    pub fn merge(&mut self, o: &Outcome) {
+impl workers::Outcome for Outcome {
+    fn merge(&mut self, o: &Outcome) {
         self.conns += o.conns;
         self.bytes += o.bytes;
         self.errors.merge(&o.errors);
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&o.latency);
-        self.elapsed += o.elapsed;
-        self.gen_cpu_s += o.gen_cpu_s;
-        self.server_cpu_s = match (self.server_cpu_s, o.server_cpu_s) {
-            (Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
+        self.cost.add(&o.cost);
     }
 
-    pub fn report(&self, addr: SocketAddr) -> Report {
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
+    fn report(&self, addr: SocketAddr) -> Report {
+        let secs = self.cost.elapsed.as_secs_f64().max(1e-9);
         Report {
             workload: "rate",
             addr: addr.to_string(),
@@ -88,8 +79,8 @@ impl Outcome {
             mib_per_s: Some(self.bytes as f64 / MIB / secs),
             latency_us: Latency::of(&self.latency),
             errors: self.errors.clone(),
-            gen_cpu_s: self.gen_cpu_s,
-            server_cpu_s: self.server_cpu_s,
+            gen_cpu_s: self.cost.gen_cpu_s,
+            server_cpu_s: self.cost.server_cpu_s,
             pace_per_s: self.pace,
             ok: self.errors.total == 0 && self.conns > 0,
             ..Report::default()
@@ -109,37 +100,30 @@ pub fn main(a: &RateArgs) -> Result<u8, Error> {
         pace: a.pace,
         proxy: a.proxy,
     };
-    let report = run(&plan, "rate")?.report(plan.addr);
-    report.print(a.common.json);
-    Ok(report.exit_code())
+    Ok(workers::print(
+        &run(&plan, "rate")?,
+        plan.addr,
+        a.common.json,
+    ))
 }
 
 /// Run the workload once.
 pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
-    let cpu0 = sys::self_cpu_s();
-    let server0 = proctree::cpu_s(plan.pid);
-    let start = Instant::now();
-    let deadline = start + plan.duration;
-    let progress = Progress::timer(plan.duration, label);
-    let results = workers::run(
+    let (results, cost) = workers::timed(
+        label,
+        plan.duration,
+        plan.pid,
         plan.concurrency,
         "worker",
         Some(256 << 10),
-        &progress,
-        start,
-        deadline,
-        |id| worker(plan, id, start, deadline),
+        |id, start, deadline| worker(plan, id, start, deadline),
     )?;
-    progress.finish();
-    let elapsed = start.elapsed();
     let mut total = Outcome {
         conns: 0,
         bytes: 0,
         errors: Errors::default(),
         latency: new_histogram(),
-        elapsed,
-        gen_cpu_s: sys::self_cpu_s() - cpu0,
-        server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
+        cost,
         pace: plan.pace,
     };
     for w in results {

@@ -15,11 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::cli::StreamArgs;
 use super::pattern::Cyclic;
-use super::proctree;
-use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, MIB, Report};
 use super::sys;
-use super::workers;
+use super::workers::{self, Cost};
 use forkd::error::{Error, count};
 
 /// Size of each reader's buffer.
@@ -42,26 +40,19 @@ pub struct Outcome {
     pub conns: u64,
     pub bytes: u64,
     pub errors: Errors,
-    pub elapsed: Duration,
-    pub gen_cpu_s: f64,
-    pub server_cpu_s: Option<f64>,
+    pub cost: Cost,
 }
 
-impl Outcome {
-    pub fn merge(&mut self, o: &Outcome) {
+impl workers::Outcome for Outcome {
+    fn merge(&mut self, o: &Outcome) {
         self.conns = self.conns.max(o.conns);
         self.bytes += o.bytes;
         self.errors.merge(&o.errors);
-        self.elapsed += o.elapsed;
-        self.gen_cpu_s += o.gen_cpu_s;
-        self.server_cpu_s = match (self.server_cpu_s, o.server_cpu_s) {
-            (Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
+        self.cost.add(&o.cost);
     }
 
-    pub fn report(&self, addr: SocketAddr) -> Report {
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
+    fn report(&self, addr: SocketAddr) -> Report {
+        let secs = self.cost.elapsed.as_secs_f64().max(1e-9);
         Report {
             workload: "stream",
             addr: addr.to_string(),
@@ -70,8 +61,8 @@ impl Outcome {
             bytes: self.bytes,
             mib_per_s: Some(self.bytes as f64 / MIB / secs),
             errors: self.errors.clone(),
-            gen_cpu_s: self.gen_cpu_s,
-            server_cpu_s: self.server_cpu_s,
+            gen_cpu_s: self.cost.gen_cpu_s,
+            server_cpu_s: self.cost.server_cpu_s,
             ok: self.errors.total == 0 && self.bytes > 0,
             ..Report::default()
         }
@@ -88,33 +79,27 @@ pub fn main(a: &StreamArgs) -> Result<u8, Error> {
         timeout: a.common.timeout,
         pid: a.common.pid,
     };
-    let report = run(&plan, "stream")?.report(plan.addr);
-    report.print(a.common.json);
-    Ok(report.exit_code())
+    Ok(workers::print(
+        &run(&plan, "stream")?,
+        plan.addr,
+        a.common.json,
+    ))
 }
 
 /// Run the workload once.
 pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
-    let cpu0 = sys::self_cpu_s();
-    let server0 = proctree::cpu_s(plan.pid);
-    let start = Instant::now();
-    let deadline = start + plan.duration;
-    let progress = Progress::timer(plan.duration, label);
-    let results = workers::run(
+    let (results, cost) = workers::timed(
+        label,
+        plan.duration,
+        plan.pid,
         plan.conns,
         "connection",
         None,
-        &progress,
-        start,
-        deadline,
-        |id| connection(plan, id as u64, deadline),
+        |id, _, deadline| connection(plan, id as u64, deadline),
     )?;
-    progress.finish();
     let mut total = Outcome {
         conns: plan.conns as u64,
-        elapsed: start.elapsed(),
-        gen_cpu_s: sys::self_cpu_s() - cpu0,
-        server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
+        cost,
         ..Outcome::default()
     };
     for (bytes, failure) in results {

@@ -21,11 +21,8 @@ use hdrhistogram::Histogram;
 
 use super::cli::UdpArgs;
 use super::pattern;
-use super::proctree;
-use super::progress::Progress;
 use super::report::{Errors, Failure, Kind, Latency, MIB, Report, new_histogram, record};
-use super::sys;
-use super::workers;
+use super::workers::{self, Cost, Outcome as _};
 use forkd::error::Error;
 
 /// Offsets into a worker's pattern, so consecutive datagrams differ.
@@ -54,29 +51,22 @@ pub struct Outcome {
     pub bytes: u64,
     pub errors: Errors,
     pub latency: Histogram<u64>,
-    pub elapsed: Duration,
-    pub gen_cpu_s: f64,
-    pub server_cpu_s: Option<f64>,
+    pub cost: Cost,
 }
 
-impl Outcome {
-    pub fn merge(&mut self, o: &Outcome) {
+impl workers::Outcome for Outcome {
+    fn merge(&mut self, o: &Outcome) {
         self.datagrams += o.datagrams;
         self.lost += o.lost;
         self.late += o.late;
         self.bytes += o.bytes;
         self.errors.merge(&o.errors);
         let _ = self.latency.add(&o.latency);
-        self.elapsed += o.elapsed;
-        self.gen_cpu_s += o.gen_cpu_s;
-        self.server_cpu_s = match (self.server_cpu_s, o.server_cpu_s) {
-            (Some(a), Some(b)) => Some(a + b),
-            _ => None,
-        };
+        self.cost.add(&o.cost);
     }
 
-    pub fn report(&self, addr: SocketAddr) -> Report {
-        let secs = self.elapsed.as_secs_f64().max(1e-9);
+    fn report(&self, addr: SocketAddr) -> Report {
+        let secs = self.cost.elapsed.as_secs_f64().max(1e-9);
         let sent = self.datagrams + self.lost + self.errors.total;
         let mut notes = Vec::new();
         if self.late > 0 {
@@ -101,8 +91,8 @@ impl Outcome {
             mib_per_s: Some(self.bytes as f64 / MIB / secs),
             latency_us: Latency::of(&self.latency),
             errors: self.errors.clone(),
-            gen_cpu_s: self.gen_cpu_s,
-            server_cpu_s: self.server_cpu_s,
+            gen_cpu_s: self.cost.gen_cpu_s,
+            server_cpu_s: self.cost.server_cpu_s,
             notes,
             ok: self.errors.total == 0 && self.datagrams > 0,
             ..Report::default()
@@ -120,50 +110,44 @@ pub fn main(a: &UdpArgs) -> Result<u8, Error> {
         wait: a.wait,
         pid: a.common.pid,
     };
-    let report = run(&plan, "udp")?.report(plan.addr);
-    report.print(a.common.json);
-    Ok(report.exit_code())
+    Ok(workers::print(
+        &run(&plan, "udp")?,
+        plan.addr,
+        a.common.json,
+    ))
 }
 
 /// Run the workload once.
 pub fn run(plan: &Plan, label: &str) -> Result<Outcome, Error> {
-    let cpu0 = sys::self_cpu_s();
-    let server0 = proctree::cpu_s(plan.pid);
-    let start = Instant::now();
-    let deadline = start + plan.duration;
-    let progress = Progress::timer(plan.duration, label);
-    let results = workers::run(
+    let (results, cost) = workers::timed(
+        label,
+        plan.duration,
+        plan.pid,
         plan.concurrency,
         "udp",
         Some(256 << 10),
-        &progress,
-        start,
-        deadline,
-        |id| worker(plan, id, deadline),
+        |id, _, deadline| worker(plan, id, deadline),
     )?;
-    progress.finish();
-    let mut total = Outcome {
+    let mut total = empty();
+    for w in results {
+        total.merge(&w?);
+    }
+    // The workers' own costs are nothing: the run's is the whole.
+    total.cost = cost;
+    Ok(total)
+}
+
+/// Nothing measured yet.
+fn empty() -> Outcome {
+    Outcome {
         datagrams: 0,
         lost: 0,
         late: 0,
         bytes: 0,
         errors: Errors::default(),
         latency: new_histogram(),
-        elapsed: start.elapsed(),
-        gen_cpu_s: sys::self_cpu_s() - cpu0,
-        server_cpu_s: proctree::cpu_s_since(server0, plan.pid),
-    };
-    for w in results {
-        let w = w?;
-        total.merge(&Outcome {
-            elapsed: Duration::ZERO,
-            gen_cpu_s: 0.0,
-            server_cpu_s: Some(0.0),
-            ..w
-        });
+        cost: Cost::default(),
     }
-    total.server_cpu_s = proctree::cpu_s_since(server0, plan.pid);
-    Ok(total)
 }
 
 fn worker(plan: &Plan, id: usize, deadline: Instant) -> Result<Outcome, Error> {
@@ -177,17 +161,7 @@ fn worker(plan: &Plan, id: usize, deadline: Instant) -> Result<Outcome, Error> {
     let source = pattern::bytes(plan.size + SHIFTS, id as u64 + 1);
     let mut payload = vec![0u8; plan.size];
     let mut buf = vec![0u8; plan.size.max(1) + 1];
-    let mut o = Outcome {
-        datagrams: 0,
-        lost: 0,
-        late: 0,
-        bytes: 0,
-        errors: Errors::default(),
-        latency: new_histogram(),
-        elapsed: Duration::ZERO,
-        gen_cpu_s: 0.0,
-        server_cpu_s: None,
-    };
+    let mut o = empty();
     // One timeout for every receive: a reply later than `wait` is lost (a
     // late reply skipped can stretch one wait; it is counted).
     sock.set_read_timeout(Some(plan.wait.max(Duration::from_micros(1))))
