@@ -49,6 +49,10 @@
 //!   usage errors), and the one place an error is reported; forkd-load
 //!   uses it too.
 //!
+//! The load generator, `forkd-load`, is a package of its own in `src/load`
+//! (it uses this library; this library knows nothing of it), and the
+//! tests' harness is `tests/util`.
+//!
 //! A new model is one new file implementing [`model::Model`], plus its line
 //! in [`model::Mode`] and [`server`]; a model that works inside the
 //! dispatcher's thread, as [`event`] does, joins its poll loop through

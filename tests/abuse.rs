@@ -1,15 +1,14 @@
 //! Slow and greedy clients at forkd's defaults: per-address and
 //! per-network limits, the first-byte deadline and early drop keep a
 //! public service open to honest clients.
-mod util;
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
+use forkd_test_util::*;
 use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, SockaddrStorage};
-use util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 

@@ -10,10 +10,8 @@
 //! built with standing in for `cargo build`'s and a free port for 7007.
 //! The other blocks serve until Ctrl-C, need systemd, root or minutes of
 //! benchmark, and were run by hand as written.
-mod util;
-use util::*;
+use forkd_test_util::*;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -178,15 +176,13 @@ fn the_traps_are_recognised() {
 }
 
 /// Stand-ins for what `cargo build` leaves in a fresh clone's target/.
-fn fake_clone() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("forkd-docs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let load = forkd_load();
+fn fake_clone() -> TempDir {
+    let dir = TempDir::new("docs");
     for profile in ["debug", "release"] {
         let bin = dir.join("target").join(profile);
         std::fs::create_dir_all(&bin).unwrap();
-        std::os::unix::fs::symlink(FORKD, bin.join("forkd")).unwrap();
-        std::os::unix::fs::symlink(load, bin.join("forkd-load")).unwrap();
+        std::os::unix::fs::symlink(forkd(), bin.join("forkd")).unwrap();
+        std::os::unix::fs::symlink(forkd_load(), bin.join("forkd-load")).unwrap();
     }
     dir
 }
@@ -223,14 +219,11 @@ fn the_marked_commands_run_as_written() {
                 );
                 continue;
             }
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            // The snippets name their port: a free one stands in for 7007.
+            let port = free_port(false);
             let script = format!("{PREAMBLE}{}", b.text.replace("7007", &port.to_string()));
             let mut cmd = Command::new("bash");
-            cmd.args(["-c", &script]).current_dir(&dir);
+            cmd.args(["-c", &script]).current_dir(dir.path());
             let run = run_with_deadline(cmd, Duration::from_secs(30));
             assert!(
                 run.status.success(),
@@ -243,6 +236,5 @@ fn the_marked_commands_run_as_written() {
             );
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(ran >= 2, "only {ran} blocks are marked to run");
 }

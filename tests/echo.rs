@@ -1,10 +1,9 @@
 //! Echo correctness against the real binary.
-mod util;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 

@@ -3,13 +3,12 @@
 //! abuse.rs, signals.rs): a client that never reads costs a bounded
 //! buffer, idle connections cost almost nothing, a thousand and more are
 //! served at once, and the stop ends even a client that reads nothing.
-mod util;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 

@@ -1,6 +1,5 @@
 //! Abuse and faults: forkd keeps serving, loses no byte and leaves no zombie.
 //! Each test runs the real binary and is bounded in time.
-mod util;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -10,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use util::*;
+use forkd_test_util::*;
 
 /// A uid and gid of their own for the fork-failure test: RLIMIT_NPROC counts
 /// every process of the user, so tests running forkd as `nobody` at the same
@@ -44,7 +43,7 @@ fn refused_quickly(addr: std::net::SocketAddr) -> bool {
 /// A command for forkd that starts with `resource` limited to `n`, soft and
 /// hard alike (so forkd cannot raise it).
 fn forkd_with_limit(resource: libc::__rlimit_resource_t, n: libc::rlim_t) -> Command {
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     // SAFETY: the closure runs in the forked child before exec and only
     // calls setrlimit(2), which is async-signal-safe.
     unsafe {
@@ -501,7 +500,7 @@ fn after_user_no_new_privileges_and_an_empty_bounding_set() {
 
 #[test]
 fn unknown_user_is_a_documented_error() {
-    let out = Command::new(FORKD)
+    let out = Command::new(forkd())
         .args(["-l", "127.0.0.1:0", "--user", "no-such-user-forkd"])
         .output()
         .unwrap();
@@ -581,7 +580,7 @@ fn a_capability_granted_for_bind_is_dropped_after_binding() {
         "--clear-groups",
         "--inh-caps=+net_bind_service",
         "--ambient-caps=+net_bind_service",
-        FORKD,
+        forkd(),
     ]);
     let f = Forkd::start_with(cmd, &["-l", "127.0.0.1:997"]);
     assert_eq!(f.addr().port(), 997);
@@ -591,75 +590,13 @@ fn a_capability_granted_for_bind_is_dropped_after_binding() {
     f.check_dispatcher_and_child("capabilities", capabilities, &none);
 }
 
-/// A forkd whose stderr is a pipe nobody reads (the read end kept open, so
-/// its writes would wait, not fail), killed on drop.
-struct UnreadStderr {
-    child: std::process::Child,
-    stderr: Option<std::process::ChildStderr>,
-    addr: std::net::SocketAddr,
-}
-
-impl UnreadStderr {
-    fn start(args: &[&str]) -> UnreadStderr {
-        let mut child = Command::new(FORKD)
-            .args(["--print-addr", "--log", "stderr", "-l", "127.0.0.1:0"])
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn forkd");
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            let _ = tx.send(text);
-        });
-        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
-        let addr = text
-            .lines()
-            .find_map(|l| l.parse().ok())
-            .unwrap_or_else(|| panic!("forkd {args:?} printed no address"));
-        let stderr = child.stderr.take();
-        UnreadStderr {
-            child,
-            stderr,
-            addr,
-        }
-    }
-
-    /// Bytes waiting in the pipe.
-    fn unread(&self) -> usize {
-        let mut n: libc::c_int = 0;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(self.stderr.as_ref().unwrap());
-        // SAFETY: FIONREAD stores an int into `n`.
-        unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-        n as usize
-    }
-
-    /// Start reading the pipe at last; everything read lands in the result.
-    fn read_from_now(&mut self) -> Arc<std::sync::Mutex<String>> {
-        let text = Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = Arc::clone(&text);
-        let mut stderr = self.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            while let Ok(n @ 1..) = stderr.read(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        text
-    }
-}
-
-impl Drop for UnreadStderr {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Bytes waiting in the pipe of a forkd's unread stderr.
+fn unread(f: &Forkd) -> usize {
+    let mut n: libc::c_int = 0;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(f.child.stderr.as_ref().unwrap());
+    // SAFETY: FIONREAD stores an int into `n`.
+    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    n as usize
 }
 
 /// A log reader that stops reading cannot stop forkd: with stderr a pipe
@@ -669,12 +606,14 @@ impl Drop for UnreadStderr {
 /// forkd with exit 0. In fork mode with `-v` the children log too, and
 /// must not hang either.
 fn a_log_reader_that_stops_reading(args: &[&str]) {
-    let mut f = UnreadStderr::start(args);
+    let mut exact = vec!["--print-addr", "--log", "stderr", "-l", "127.0.0.1:0"];
+    exact.extend(args);
+    let mut f = Forkd::start_exact_leaving_stderr(&exact);
     let start = Instant::now();
     for i in 0..2100u64 {
         let data = pattern(64, i);
         assert!(
-            roundtrip(f.addr, &data) == data,
+            roundtrip(f.addr(), &data) == data,
             "{args:?}: connection {i} not echoed"
         );
         assert!(
@@ -682,7 +621,7 @@ fn a_log_reader_that_stops_reading(args: &[&str]) {
             "{args:?}: only {i} connections in 120 s"
         );
     }
-    let unread = f.unread();
+    let unread = unread(&f);
     assert!(
         unread >= 32 << 10,
         "{args:?}: the pipe should be full, holds {unread} bytes"
@@ -690,15 +629,13 @@ fn a_log_reader_that_stops_reading(args: &[&str]) {
     // The reader reads again: the next line tells what was lost. Each
     // client makes a line; one logged before the reader has made room is
     // dropped too, so clients come until the notice does.
-    let text = f.read_from_now();
+    f.read_stderr_from_now();
     let mut i = 9999;
     let told = wait_until(Duration::from_secs(10), || {
         i += 1;
         let data = pattern(64, i);
-        assert!(roundtrip(f.addr, &data) == data, "{args:?}: not served");
-        text.lock()
-            .unwrap()
-            .contains(" dropped: the log was not being read")
+        assert!(roundtrip(f.addr(), &data) == data, "{args:?}: not served");
+        f.log().contains(" dropped: the log was not being read")
     });
     assert!(
         told,
@@ -721,10 +658,7 @@ fn a_log_reader_that_stops_reading(args: &[&str]) {
         "{args:?}: SIGTERM gave {status:?}"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || text
-            .lock()
-            .unwrap()
-            .contains("stopped: ")),
+        wait_until(Duration::from_secs(5), || f.log().contains("stopped: ")),
         "{args:?}: no summary line"
     );
 }

@@ -6,7 +6,6 @@
 //! happening (a client left in the backlog, zombies left alone); those watch
 //! for a fixed short while, which can only make them miss a bug, never fail
 //! a working forkd.
-mod util;
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 
@@ -580,7 +579,7 @@ fn restart_binds_at_once_despite_server_side_time_wait() {
 }
 
 fn forkd_run(args: &[&str]) -> Run {
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.args(args).env("RUST_BACKTRACE", "1");
     run_with_deadline(cmd, LONG)
 }
@@ -743,7 +742,7 @@ fn limits_the_host_cannot_honour_are_refused_at_start() {
     // creates one thread with it at start, and refuses with the kernel's reason.
     let args = ["-l", "127.0.0.1:0", "--log", "stderr", "--mode", "thread"];
     let args = [&args[..], &["--thread-stack", "1GiB"]].concat();
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.args(&args);
     {
         use std::os::unix::process::CommandExt;
@@ -838,7 +837,7 @@ fn a_privileged_port_without_permission_exits_77() {
         return;
     }
     let args = ["-l", "127.0.0.1:1", "--log", "stderr"];
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.args(args).env("RUST_BACKTRACE", "1");
     // SAFETY: getuid is always safe to call.
     if unsafe { libc::getuid() } == 0 {
@@ -895,7 +894,7 @@ fn zombie_lab_times_its_steps_not_the_reader() {
         r#"for i in 1 2 3 4 5; do sleep 2; echo; done | script -qec "$0 handler" /dev/null"#,
     ])
     .arg(&lab)
-    .env("FORKD", FORKD)
+    .env("FORKD", forkd())
     .env("LAB_TIMEOUT", "5");
     let run = run_with_deadline(cmd, Duration::from_secs(60));
     let out = format!("{}{}", run.stdout, run.stderr);
@@ -908,7 +907,7 @@ fn zombie_lab_times_its_steps_not_the_reader() {
 
     let mut cmd = Command::new(&lab);
     cmd.arg("handler")
-        .env("FORKD", FORKD)
+        .env("FORKD", forkd())
         .env("LAB_TIMEOUT", "0");
     let run = run_with_deadline(cmd, LONG);
     assert!(

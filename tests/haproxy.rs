@@ -3,45 +3,28 @@
 //! front of two forkd instances: one `send-proxy-v2`, one `send-proxy`
 //! (v1), both checked.
 
-mod util;
-
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 
-/// A running HAProxy, killed on drop.
+/// A running HAProxy (stdout and stderr collected), killed on drop, and
+/// the directory of its configuration.
 struct Haproxy {
-    child: Child,
+    run: Running,
     addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    _dir: Option<TempDir>,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _dir: TempDir,
 }
 
 impl Haproxy {
+    /// What HAProxy wrote, stdout then stderr.
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        format!("{}{}", self.run.out(), self.run.log())
     }
 }
 
@@ -62,14 +45,6 @@ fn haproxy_or_skip(test: &str) -> bool {
     found
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// docs/haproxy.cfg with the test's addresses, and checks every 200 ms.
 fn config(front: u16, v2: SocketAddr, v1: SocketAddr) -> String {
     let text = include_str!("../docs/haproxy.cfg");
@@ -86,61 +61,30 @@ fn config(front: u16, v2: SocketAddr, v1: SocketAddr) -> String {
 /// Start HAProxy in front of `v2` (send-proxy-v2) and `v1` (send-proxy),
 /// and wait until it serves an echo.
 fn haproxy(v2: SocketAddr, v1: SocketAddr) -> Haproxy {
-    let dir = std::env::temp_dir().join(format!(
-        "forkd-haproxy-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut guard = Some(TempDir(dir.clone()));
+    let dir = TempDir::new("haproxy");
+    // HAProxy cannot bind port 0: a free port, and another try if it was taken.
     for _ in 0..5 {
-        let front = free_port();
+        let front = free_port(false);
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(&cfg, config(front, v2, v1)).unwrap();
-        let mut child = Command::new(haproxy_bin())
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn haproxy");
-        let log = Arc::new(Mutex::new(String::new()));
-        for out in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let sink = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(out);
-                let mut line = String::new();
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    sink.lock().unwrap().push_str(&line);
-                    line.clear();
-                }
-            });
-        }
+        let mut cmd = Command::new(haproxy_bin());
+        cmd.arg("-db").arg("-f").arg(&cfg);
+        let mut run = Running::spawn(cmd);
         let addr: SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
-        let h = Haproxy {
-            child,
-            addr,
-            log,
-            _dir: None,
-        };
         // The probe comes from 127.0.0.4, a client of its own.
         let up = wait_until(LONG, || {
             try_connect_from("127.0.0.4", addr).is_some_and(|mut s| try_ping(&mut s, b"up?\n"))
         });
         if up {
-            let mut h = h;
-            h._dir = guard.take();
-            return h;
+            return Haproxy {
+                run,
+                addr,
+                _dir: dir,
+            };
         }
         // The port was taken meanwhile, or HAProxy failed: say why if it exited.
-        let mut h = h;
-        if let Ok(Some(st)) = h.child.try_wait() {
-            eprintln!("haproxy exited {st}: {}", h.log());
+        if let Ok(Some(st)) = run.child.try_wait() {
+            eprintln!("haproxy exited {st}: {}{}", run.out(), run.log());
         }
     }
     panic!("haproxy did not come up");
@@ -312,10 +256,8 @@ fn untrusted_or_missing_headers_are_refused() {
     // Neither trusts HAProxy's 127.0.0.1.
     let a = Forkd::start(&["--proxy-protocol", "--proxy-from", "127.0.0.9/32"]);
     let b = Forkd::start(&["--proxy-protocol", "--proxy-from", "::1/128"]);
-    let cfg_front = free_port();
-    let dir = std::env::temp_dir().join(format!("forkd-haproxy-u-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _dir = TempDir(dir.clone());
+    let cfg_front = free_port(false);
+    let dir = TempDir::new("haproxy-u");
     std::fs::write(
         dir.join("haproxy.cfg"),
         config(cfg_front, a.addr(), b.addr()),

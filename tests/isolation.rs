@@ -1,14 +1,13 @@
 //! A connection's process cannot harm the dispatcher: what a child shares
 //! with it is overwritten the way an attacker who controls the child would,
 //! and the pid bookkeeping holds whatever the pid range.
-mod util;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 
@@ -399,7 +398,7 @@ fn out_of_memory_a_connection_is_killed_never_the_dispatcher() {
     };
     // forkd starts inside the cgroup (its children follow it there).
     let procs = cg.procs();
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     // SAFETY: the closure only opens, writes and closes a file (no allocation
     // beyond what the path already holds), before exec.
     let path = std::ffi::CString::new(procs.to_str().unwrap()).unwrap();

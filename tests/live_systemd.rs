@@ -23,8 +23,7 @@
 //! deadline; a container is powered off from inside even when a check
 //! fails (its `Drop`), and `systemd-nspawn` gets SIGTERM (which it turns
 //! into an orderly shutdown) if the test process dies.
-mod util;
-use util::*;
+use forkd_test_util::*;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -536,7 +535,7 @@ fn with_units(test: &str) -> Option<Container> {
     }
     let units = repo().join("systemd");
     match Container::boot(&[
-        (Path::new(FORKD), "/usr/local/bin/forkd"),
+        (Path::new(forkd()), "/usr/local/bin/forkd"),
         (&units, "/mnt/units"),
     ]) {
         Ok(c) => {

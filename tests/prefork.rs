@@ -4,14 +4,13 @@
 //! timeouts and SIGTERM under load run against prefork in tests/faults.rs,
 //! systemd's protocols in tests/systemd.rs, a compromised worker in
 //! tests/isolation.rs.)
-mod util;
 
 use std::io::Read;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 
@@ -264,7 +263,7 @@ fn the_pool_is_the_cap_and_waiting_clients_are_served_in_turn() {
 fn workers_cannot_outnumber_max_conns() {
     let run = run_with_deadline(
         {
-            let mut c = Command::new(FORKD);
+            let mut c = Command::new(forkd());
             c.args(["--mode", "prefork", "--workers", "9", "-c", "8"]);
             c
         },
@@ -449,7 +448,7 @@ fn zombie_lab_kills_a_worker_and_the_pool_replaces_it() {
     let lab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zombie-lab.sh");
     let mut cmd = Command::new(&lab);
     cmd.arg("prefork")
-        .env("FORKD", FORKD)
+        .env("FORKD", forkd())
         .env("LAB_TIMEOUT", "60");
     let run = run_with_deadline(cmd, Duration::from_secs(90));
     let out = format!("{}{}", run.stdout, run.stderr);

@@ -2,14 +2,12 @@
 //! themselves (v1, v2, LOCAL, cut in pieces, late, forged), and
 //! `--reuse-port`.
 
-mod util;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use forkd::proxy::{header_v1, header_v2, header_v2_local};
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(10);
 
@@ -229,7 +227,7 @@ fn proxy_options_are_checked() {
             "more than 0",
         ),
     ] {
-        let mut cmd = std::process::Command::new(FORKD);
+        let mut cmd = std::process::Command::new(forkd());
         cmd.args(args);
         let run = run_with_deadline(cmd, LONG);
         assert_eq!(run.status.code(), Some(64), "{args:?}: {run:?}");
@@ -258,7 +256,7 @@ fn reuse_port_lets_two_forkd_share_a_port() {
         "one forkd served them all",
     );
     // Without --reuse-port the address is taken.
-    let mut cmd = std::process::Command::new(FORKD);
+    let mut cmd = std::process::Command::new(forkd());
     cmd.args(["-l", &addr]);
     let run = run_with_deadline(cmd, LONG);
     assert_eq!(run.status.code(), Some(69), "{run:?}");

@@ -1,13 +1,12 @@
 //! What every signal an operator or the kernel can send does to forkd, in
 //! both modes: each has the meaning the README's signal table gives it, and
 //! none kills the dispatcher or drops a connection unless it means to.
-mod util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 const MODES: [&str; 3] = ["fork", "thread", "event"];

@@ -7,8 +7,7 @@
 //! ```sh
 //! cargo test --test static_build -- --ignored
 //! ```
-mod util;
-use util::*;
+use forkd_test_util::*;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,8 +15,8 @@ use std::time::Duration;
 
 /// The target directory this test binary was built into.
 fn target_dir() -> PathBuf {
-    // FORKD is TARGET/debug/forkd (or TARGET/release/forkd).
-    Path::new(FORKD)
+    // forkd() is TARGET/debug/forkd (or TARGET/release/forkd).
+    Path::new(forkd())
         .parent()
         .and_then(Path::parent)
         .expect("forkd lives in TARGET/PROFILE")

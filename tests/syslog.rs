@@ -5,37 +5,15 @@
 //! temporary directory and writing what it receives to a file there, so
 //! nothing of the host's logging is touched. Without rsyslogd (Debian
 //! package `rsyslog`) the test fails: it cannot check anything otherwise.
-mod util;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// An rsyslogd of the test's own, stopped on drop.
 struct Rsyslogd {
@@ -135,8 +113,8 @@ fn parse(line: &str) -> Option<(i32, &str)> {
 
 #[test]
 fn children_log_to_syslog_under_their_own_pid() {
-    let dir = TempDir::new("forkd-syslog");
-    let syslog = Rsyslogd::start(&dir.0);
+    let dir = TempDir::new("syslog");
+    let syslog = Rsyslogd::start(dir.path());
     let socket = syslog.socket.to_str().unwrap().to_string();
     let mut f = Forkd::start_exact(&[
         "--print-addr",
@@ -208,8 +186,8 @@ fn children_log_to_syslog_under_their_own_pid() {
 #[test]
 fn a_syslog_daemon_that_stops_reading_cannot_stop_forkd() {
     use std::os::unix::net::UnixDatagram;
-    let dir = TempDir::new("forkd-syslog-full");
-    let path = dir.0.join("log.sock");
+    let dir = TempDir::new("syslog-full");
+    let path = dir.join("log.sock");
     let daemon = UnixDatagram::bind(&path).unwrap();
     let mut fillers = Vec::new();
     let full = (0..10_000).any(|_| {

@@ -5,17 +5,14 @@
 //! `scripts/install.sh` into a staging directory.
 //!
 //! Every wait has a deadline, and each test arms a 60 s alarm as a backstop.
-mod util;
-use util::*;
+use forkd_test_util::*;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -38,145 +35,11 @@ fn require(tool: &str) {
     );
 }
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "forkd-systemd-{what}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A spawned process whose stdout and stderr are collected as they come;
-/// killed (SIGKILL) and waited for on drop.
-struct Running {
-    child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl Running {
-    fn spawn(mut cmd: Command) -> Running {
-        let what = format!("{cmd:?}");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
-        Running {
-            child,
-            out,
-            err,
-            what,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn out(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    fn log(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
-
-    /// Panic with the command and its output unless `ok`.
-    fn check(&self, ok: bool, what: &str) {
-        if !ok {
-            panic!(
-                "{what}\ncommand: {}\nstdout:\n{}\nstderr:\n{}",
-                self.what,
-                self.out(),
-                self.log()
-            );
-        }
-    }
-
-    fn wait_log(&self, needle: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.log().contains(needle))
-    }
-
-    /// SIGTERM, then wait up to `limit` for the exit.
-    fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        let mut status = None;
-        wait_until(limit, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = Arc::clone(&text);
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(r);
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            sink.lock().unwrap().push_str(&line);
-            line.clear();
-        }
-    });
-    text
-}
-
 fn ipv6_loopback() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
 }
 
-/// A port free right now on 127.0.0.1 (and on ::1 when `v6`). Another
-/// process may take it before it is used: callers retry on a failed bind.
-fn free_port(v6: bool) -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !v6 || TcpListener::bind(("::1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// Start `systemd-socket-activate [PRE...] -l HOST:PORT... FORKD ARGS...`
+/// Start `systemd-socket-activate [PRE...] -l HOST:PORT... forkd() ARGS...`
 /// on a free port, retrying with another port when the bind fails. Returns
 /// once every socket is listening, with the addresses.
 fn socket_activate(
@@ -196,7 +59,9 @@ fn socket_activate(
         for a in &addrs {
             cmd.arg("-l").arg(a.to_string());
         }
-        cmd.arg(FORKD).args(forkd_args).env_remove("NOTIFY_SOCKET");
+        cmd.arg(forkd())
+            .args(forkd_args)
+            .env_remove("NOTIFY_SOCKET");
         let mut run = Running::spawn(cmd);
         let listening = wait_until(10 * SECOND, || {
             run.log().matches("Listening on").count() == addrs.len() || run.exited()
@@ -374,7 +239,7 @@ fn inetd_with_stderr_on_the_connection_echoes_only_the_data() {
     let mut client = connect(listener.local_addr().unwrap());
     let (conn, _) = listener.accept().unwrap();
     let fd = std::os::fd::OwnedFd::from(conn);
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.args(["--inetd", "--log", "stderr"])
         .stdin(fd.try_clone().unwrap())
         .stdout(fd.try_clone().unwrap())
@@ -439,7 +304,7 @@ fn notifications(mode: &str) {
     let dir = TempDir::new("notify");
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.env("NOTIFY_SOCKET", &path);
     let mut f = Forkd::start_with(cmd, &["--mode", mode, "--max-conns", "2"]);
 
@@ -514,7 +379,7 @@ fn notify_over_an_abstract_socket() {
     let name = format!("forkd-test-notify-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
     let sock = UnixDatagram::bind_addr(&addr).unwrap();
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.env("NOTIFY_SOCKET", format!("@{name}"));
     let mut f = Forkd::start_with(cmd, &["--mode", "thread"]);
     let ready = recv_until(&sock, "READY=1", 5 * SECOND);
@@ -531,7 +396,7 @@ fn notify_over_an_abstract_socket() {
 fn notify_socket_without_listener_is_harmless() {
     watchdog();
     let dir = TempDir::new("nonotify");
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.env("NOTIFY_SOCKET", dir.path().join("absent.sock"));
     let mut f = Forkd::start_with(cmd, &[]);
     let data = pattern(5000, 9);
@@ -586,7 +451,7 @@ fn notify_socket_nobody_reads(mode: &str) {
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     let _fillers = fill_queue(&path);
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.env("NOTIFY_SOCKET", &path);
     let mut f = Forkd::start_with(cmd, &["--mode", mode]);
     // Long enough for STATUS= updates (at most one a second) to be due.
@@ -654,7 +519,7 @@ fn log_with_journal_stream(journal: impl Fn(&str) -> String) -> Vec<String> {
     let log_path = dir.path().join("stderr.log");
     let file = std::fs::File::create(&log_path).unwrap();
     let meta = file.metadata().unwrap();
-    let mut cmd = Command::new(FORKD);
+    let mut cmd = Command::new(forkd());
     cmd.args(["--print-addr", "--log", "stderr", "-l", "127.0.0.1:0", "-v"])
         .args(["--max-conns", "1", "--mode", "fork"])
         .env(
@@ -665,12 +530,11 @@ fn log_with_journal_stream(journal: impl Fn(&str) -> String) -> Vec<String> {
         .stdout(Stdio::piped())
         .stderr(file);
     let mut child = cmd.spawn().unwrap();
-    let out = collect(child.stdout.take().unwrap());
+    let out = Collected::from(child.stdout.take().unwrap());
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut guard = KillOnDrop(child);
-    let addr: Option<SocketAddr> =
-        wait_until(10 * SECOND, || out.lock().unwrap().lines().count() > 0)
-            .then(|| out.lock().unwrap().lines().next().unwrap().parse().unwrap());
+    let addr: Option<SocketAddr> = wait_until(10 * SECOND, || out.text().lines().count() > 0)
+        .then(|| out.text().lines().next().unwrap().parse().unwrap());
     let addr = addr.unwrap_or_else(|| panic!("forkd printed no address; log:\n{}", read_log()));
 
     let mut a = connect(addr);
@@ -792,7 +656,7 @@ fn units_in(dir: &Path) -> Vec<PathBuf> {
         .map(|u| {
             let text = std::fs::read_to_string(repo().join("systemd").join(u)).unwrap();
             let dest = dir.join(u);
-            std::fs::write(&dest, text.replace("/usr/local/bin/forkd", FORKD)).unwrap();
+            std::fs::write(&dest, text.replace("/usr/local/bin/forkd", forkd())).unwrap();
             dest
         })
         .collect()
@@ -901,7 +765,7 @@ fn install_sh(destdir: &Path, args: &[&str]) -> String {
         .args(args)
         .env("DESTDIR", destdir)
         .env("PREFIX", "/opt/forkd")
-        .env("FORKD_BIN", FORKD)
+        .env("FORKD_BIN", forkd())
         .env_remove("UNITDIR")
         .stdin(Stdio::null())
         .output()
@@ -954,7 +818,7 @@ fn install_sh_installs_into_destdir_and_uninstalls() {
     }
     expected.sort();
     assert_eq!(files_under(dest.path()), expected);
-    assert!(std::fs::read(&bin).unwrap() == std::fs::read(FORKD).unwrap());
+    assert!(std::fs::read(&bin).unwrap() == std::fs::read(forkd()).unwrap());
     for u in UNITS.iter().filter(|u| u.ends_with(".service")) {
         let text = std::fs::read_to_string(unitdir.join(u)).unwrap();
         assert!(
@@ -998,7 +862,7 @@ fn socket_activation_listen_datagram_with_a_stream_socket() {
             "systemd-socket-activate",
             "--datagram",
         ])
-        .args(["-l", &addr.to_string(), FORKD])
+        .args(["-l", &addr.to_string(), forkd()])
         .args(["--print-addr", "--log", "stderr", "--udp-rate", "0"])
         .env_remove("NOTIFY_SOCKET");
         let mut run = Running::spawn(cmd);

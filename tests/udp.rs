@@ -2,8 +2,7 @@
 //! bytes, IPv6, replies from the destination address on a wildcard bind,
 //! no reply to a service port, the per-source limit, truncated datagrams,
 //! and TCP served alongside. Every wait has a deadline.
-mod util;
-use util::*;
+use forkd_test_util::*;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

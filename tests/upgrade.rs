@@ -2,13 +2,11 @@
 //! reset or corrupted connection; a new binary that fails leaves the old
 //! one serving.
 
-mod util;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use util::*;
+use forkd_test_util::*;
 
 const LONG: Duration = Duration::from_secs(15);
 
@@ -105,10 +103,9 @@ fn an_upgrade_under_steady_load_drops_nothing() {
 
 #[test]
 fn a_failed_upgrade_leaves_the_old_forkd_serving() {
-    let dir = std::env::temp_dir().join(format!("forkd-upgrade-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("upgrade");
     let exe = dir.join("forkd");
-    std::fs::copy(FORKD, &exe).unwrap();
+    std::fs::copy(forkd(), &exe).unwrap();
     let f = Forkd::start_with(std::process::Command::new(&exe), &[]);
     let data = pattern(5000, 1);
 
@@ -137,5 +134,4 @@ fn a_failed_upgrade_leaves_the_old_forkd_serving() {
         !f.log().contains("is ready and accepting"),
         "a failed upgrade was taken for a ready one",
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -152,7 +152,7 @@ fn render(f: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> String {
     String::from_utf8(out).expect("roff is UTF-8")
 }
 
-/// Escape text for roff, with Markdown's `code`, **bold** and [links](x)
+/// Escape text for roff, with Markdown's `code`, **bold** and `[links](x)`
 /// turned into bold and plain text.
 fn roff(md: &str) -> String {
     let mut out = String::new();

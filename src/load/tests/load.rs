@@ -1,11 +1,9 @@
 //! forkd-load against the real forkd, and against echo servers that lie.
-mod util;
-use util::*;
+use forkd_test_util::*;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,6 +11,8 @@ use serde_json::Value;
 
 /// Run forkd-load with `args`, killing it if it outlives `limit`.
 fn load(args: &[&str], limit: Duration) -> Run {
+    // compare starts the forkd beside forkd-load: have it built there.
+    forkd();
     let mut cmd = Command::new(forkd_load());
     cmd.args(args);
     run_with_deadline(cmd, limit)
@@ -89,12 +89,9 @@ fn serve_lying(mut s: TcpStream, lie: Lie) {
     }
 }
 
-/// A fresh directory under the system's temporary directory.
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("forkd-load-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// The repository's top, two levels above this package (src/load).
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -380,8 +377,8 @@ fn paced_rate_sends_what_was_asked_and_no_more() {
 
 #[test]
 fn compare_runs_only_the_workloads_asked_at_the_pace_asked() {
-    let dir = temp_dir("compare-paced");
-    let out_dir = dir.to_string_lossy().to_string();
+    let dir = TempDir::new("load-compare-paced");
+    let out_dir = dir.path().to_string_lossy().to_string();
     let args = [
         "compare",
         "--modes",
@@ -417,13 +414,12 @@ fn compare_runs_only_the_workloads_asked_at_the_pace_asked() {
     let md = std::fs::read_to_string(dir.join("compare.md")).unwrap();
     assert!(md.contains("paced at 100 conn/s"), "{md}");
     assert!(!md.contains("stream ") && !md.contains("hold "), "{md}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn compare_writes_a_table_a_chart_and_json() {
-    let dir = temp_dir("compare");
-    let out_dir = dir.to_string_lossy().to_string();
+    let dir = TempDir::new("load-compare");
+    let out_dir = dir.path().to_string_lossy().to_string();
     let args = [
         "compare",
         "--modes",
@@ -500,7 +496,6 @@ fn compare_writes_a_table_a_chart_and_json() {
     ] {
         assert!(text.contains(needed), "compare.svg lacks {needed:?}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -561,11 +556,7 @@ fn bad_arguments_are_one_line_usage_errors() {
         help.stdout
     );
     // Nothing listening: refused connections are errors, and the exit says so.
-    let free = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let free = format!("127.0.0.1:{}", free_port(false));
     let args = ["rate", "--addr", &free, "--duration", "200ms", "--json"];
     let out = load(&args, LIMIT);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&args, &out));
@@ -588,9 +579,7 @@ fn readme_run() -> forkd_load::comparison::Comparison {
     use forkd_load::cli::Workload;
     use forkd_load::comparison::{Comparison, Machine, Row, Settings};
     use forkd_load::report::{Latency, Report};
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let section = &readme[readme
         .find("### A real run")
         .expect("README has a real run")..];
@@ -674,12 +663,11 @@ fn readme_run() -> forkd_load::comparison::Comparison {
 /// `FORKD_REDRAW_DOCS=1 cargo test --test load docs_chart`.
 #[test]
 fn docs_chart_is_the_readme_run_drawn_by_this_code() {
-    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare.svg");
-    let dir = temp_dir("docs-chart");
+    let docs = repo().join("docs/compare.svg");
+    let dir = TempDir::new("load-docs-chart");
     let drawn = dir.join("compare.svg");
     forkd_load::chart::draw(&drawn, &readme_run()).unwrap();
     let drawn = std::fs::read_to_string(&drawn).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     if std::env::var_os("FORKD_REDRAW_DOCS").is_some() {
         std::fs::write(&docs, &drawn).unwrap();
     }

@@ -1,54 +1,298 @@
-//! Shared helpers for the integration tests: start the real `forkd` binary on
-//! port 0, read the addresses it prints when ready, watch its log and its
-//! process tree, and never wait without a deadline.
-#![allow(dead_code)]
+//! The one harness of the integration tests, forkd's (tests/) and
+//! forkd-load's (src/load/tests/): find the binaries, start the real forkd
+//! on port 0 and read the addresses it prints when ready, run any other
+//! process with its output collected, watch a log and a process tree, keep
+//! temporary directories, and never wait without a deadline.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub const FORKD: &str = env!("CARGO_BIN_EXE_forkd");
+/// The forkd binary this test was built with.
+pub fn forkd() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| binary("forkd"))
+}
 
-/// The `forkd-load` binary, built beside forkd's: it is another package's
-/// (src/load), so cargo gives this test no path to it and may not have
-/// built it. Built once per test process (a no-op when up to date).
+/// The forkd-load binary this test was built with.
 pub fn forkd_load() -> &'static str {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let path = std::path::Path::new(FORKD).with_file_name("forkd-load");
-        let profile = std::path::Path::new(FORKD)
-            .parent()
-            .and_then(|d| d.file_name())
-            .map(|d| d.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "forkd-load",
-            "--bin",
-            "forkd-load",
-        ]);
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| binary("forkd-load"))
+}
+
+/// The path of the workspace's binary `name`. A test of that binary's
+/// package is told where cargo built it (`CARGO_BIN_EXE_<name>`). Any other
+/// test finds it beside its own build, in the same profile's directory,
+/// after asking cargo to build what a plain `cargo test` at the top builds
+/// (both binaries, with the same features, so nothing is built twice): a
+/// no-op under `cargo test`, which has built them; under `cargo test -p`,
+/// the other package's binary is brought up to date.
+fn binary(name: &str) -> String {
+    if let Some(path) = std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        return path.to_string_lossy().into_owned();
+    }
+    // This test is TARGET/PROFILE/deps/TEST-HASH.
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary in TARGET/PROFILE/deps");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        static BUILT: OnceLock<()> = OnceLock::new();
+        BUILT.get_or_init(|| build_all(&cargo, dir));
+    }
+    let path = dir.join(name);
+    assert!(path.is_file(), "no {name} binary at {}", path.display());
+    path.to_string_lossy().into_owned()
+}
+
+/// `cargo test --no-run` for the whole default workspace, into `dir`'s
+/// target directory and profile.
+fn build_all(cargo: &OsStr, dir: &Path) {
+    let top = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["test", "--no-run", "--quiet", "--manifest-path"])
+        .arg(top.join("Cargo.toml"));
+    match dir.file_name().and_then(OsStr::to_str) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build for forkd-load");
-        assert!(
-            status.success() && path.is_file(),
-            "cannot build {}",
-            path.display()
-        );
-        path.to_string_lossy().into_owned()
-    })
+        Some(profile) => {
+            cmd.args(["--profile", profile]);
+        }
+    }
+    if let Some(target) = dir.parent() {
+        cmd.arg("--target-dir").arg(target);
+    }
+    let status = cmd.status().expect("run cargo test --no-run");
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+/// A directory of its own under the system's temporary directory, made
+/// empty at start and removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `forkd-WHAT-PID-N`: unique in this process and across processes.
+    pub fn new(what: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "forkd-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `self.path().join(name)`.
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a reader gave so far, collected line by line by a thread of its
+/// own, so a process never blocks on a full pipe while a test waits.
+#[derive(Clone)]
+pub struct Collected {
+    text: Arc<Mutex<String>>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Collected {
+    /// Start collecting `r` until its end.
+    pub fn from(r: impl Read + Send + 'static) -> Collected {
+        let c = Collected {
+            text: Arc::new(Mutex::new(String::new())),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        let sink = c.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(r);
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.text.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+            sink.ended.store(true, Ordering::SeqCst);
+        });
+        c
+    }
+
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Has the writing end closed (and everything been read)?
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+}
+
+/// A spawned process whose stdout and stderr are collected as they come;
+/// killed (SIGKILL) and waited for on drop.
+pub struct Running {
+    pub child: Child,
+    out: Collected,
+    /// None while stderr is left unread ([`Running::spawn_leaving_stderr`]).
+    err: Option<Collected>,
+    what: String,
+}
+
+impl Running {
+    /// Spawn `cmd` with stdin from /dev/null and its output collected.
+    pub fn spawn(cmd: Command) -> Running {
+        let mut run = Running::spawn_leaving_stderr(cmd);
+        run.read_stderr_from_now();
+        run
+    }
+
+    /// As [`Running::spawn`], but stderr is a pipe nobody reads (its read
+    /// end open in `child.stderr`, so writes to it wait rather than fail)
+    /// until [`Running::read_stderr_from_now`].
+    pub fn spawn_leaving_stderr(mut cmd: Command) -> Running {
+        let what = format!("{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let out = Collected::from(child.stdout.take().unwrap());
+        Running {
+            child,
+            out,
+            err: None,
+            what,
+        }
+    }
+
+    /// Start collecting stderr, if nothing does yet.
+    pub fn read_stderr_from_now(&mut self) {
+        if let Some(stderr) = self.child.stderr.take() {
+            self.err = Some(Collected::from(stderr));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything written to stdout so far.
+    pub fn out(&self) -> String {
+        self.out.text()
+    }
+
+    /// Wait up to `limit` for stdout to close; everything written to it,
+    /// or nothing if it did not close in time.
+    pub fn out_to_end(&self, limit: Duration) -> String {
+        if wait_until(limit, || self.out.ended()) {
+            self.out()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Everything written to stderr so far (forkd's log); nothing while
+    /// stderr is left unread.
+    pub fn log(&self) -> String {
+        self.err.as_ref().map(Collected::text).unwrap_or_default()
+    }
+
+    /// Wait up to `limit` for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(needle))
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Wait up to `limit` for at least `n` log lines containing `needle`.
+    pub fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) -> bool {
+        wait_until(limit, || self.count_log(needle) >= n)
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait up to `limit` for the process to exit; None if it did not.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then wait up to `limit` for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(limit)
+    }
+
+    /// Panic with the command and its output unless `ok`.
+    pub fn check(&self, ok: bool, what: &str) {
+        if !ok {
+            panic!(
+                "{what}\ncommand: {}\nstdout:\n{}\nstderr:\n{}",
+                self.what,
+                self.out(),
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free right now on 127.0.0.1 (and on ::1 when `v6`), for a
+/// program that cannot pick its own (systemd-socket-activate and HAProxy
+/// refuse port 0; forkd takes it, and prints what it got with
+/// `--print-addr`). Another process may take it before it is used: callers
+/// retry on a failed bind.
+pub fn free_port(v6: bool) -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !v6 || TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Poll `cond` every 10 ms until it holds or `limit` passes; true if it held.
@@ -81,15 +325,28 @@ pub fn root_or_skip(test: &str, why: &str) -> bool {
     false
 }
 
-/// A running forkd, killed (SIGKILL) and waited for on drop.
+/// A running forkd (a [`Running`], which it derefs to: its log, signals,
+/// exit), killed (SIGKILL) and waited for on drop.
 pub struct Forkd {
-    pub child: Child,
+    run: Running,
     /// The TCP addresses printed, one per line as `IP:PORT`.
     pub addrs: Vec<SocketAddr>,
     /// The UDP addresses printed, one per line as `udp IP:PORT`.
     pub udp_addrs: Vec<SocketAddr>,
-    log: Arc<Mutex<String>>,
     args: Vec<String>,
+}
+
+impl std::ops::Deref for Forkd {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for Forkd {
+    fn deref_mut(&mut self) -> &mut Running {
+        &mut self.run
+    }
 }
 
 impl Forkd {
@@ -99,7 +356,7 @@ impl Forkd {
     /// per-source limits (UDP's too) and early drop are off unless ARGS
     /// sets them.
     pub fn start(args: &[&str]) -> Forkd {
-        Forkd::start_with(Command::new(FORKD), args)
+        Forkd::start_with(Command::new(forkd()), args)
     }
 
     /// As [`Forkd::start`], with a prepared command (environment, pre_exec...).
@@ -123,42 +380,25 @@ impl Forkd {
     }
 
     /// Spawn `cmd` with `args`, collect its log, and wait up to 10 s for
-    /// the addresses it prints.
-    fn launch(mut cmd: Command, full: Vec<String>) -> Forkd {
-        cmd.args(&full)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn forkd");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stderr);
-            let mut line = String::new();
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                sink.lock().unwrap().push_str(&line);
-                line.clear();
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = BufReader::new(stdout).read_to_string(&mut text);
-            let _ = tx.send(text);
-        });
-        let text = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    /// the addresses it prints (forkd closes stdout once it has).
+    fn launch(cmd: Command, full: Vec<String>) -> Forkd {
+        Forkd::launch_by(cmd, full, Running::spawn)
+    }
+
+    /// As [`Forkd::launch`], spawned by `spawn`.
+    fn launch_by(mut cmd: Command, full: Vec<String>, spawn: fn(Command) -> Running) -> Forkd {
+        cmd.args(&full);
+        let run = spawn(cmd);
+        let text = run.out_to_end(Duration::from_secs(10));
         let addrs: Vec<SocketAddr> = text.lines().filter_map(|l| l.parse().ok()).collect();
         let udp_addrs: Vec<SocketAddr> = text
             .lines()
             .filter_map(|l| l.strip_prefix("udp ")?.parse().ok())
             .collect();
         let mut f = Forkd {
-            child,
+            run,
             addrs,
             udp_addrs,
-            log,
             args: full,
         };
         if f.addrs.is_empty() && f.udp_addrs.is_empty() {
@@ -181,43 +421,6 @@ impl Forkd {
         self.udp_addrs[0]
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Everything forkd logged so far.
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Wait up to `limit` for a log line containing `needle`.
-    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.log().contains(needle))
-    }
-
-    pub fn count_log(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    /// Wait up to `limit` for forkd to exit; None if it did not.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            if Instant::now() >= end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// The dispatcher's children as (pid, state, comm), from /proc.
     pub fn children(&self) -> Vec<Proc> {
         children_of(self.pid())
@@ -238,13 +441,6 @@ impl Forkd {
                 self.log()
             );
         }
-    }
-}
-
-impl Drop for Forkd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -330,7 +526,14 @@ impl Forkd {
     /// and wait up to 10 s for the addresses it prints.
     pub fn start_exact(args: &[&str]) -> Forkd {
         let args = args.iter().map(|s| s.to_string()).collect();
-        Forkd::launch(Command::new(FORKD), args)
+        Forkd::launch(Command::new(forkd()), args)
+    }
+
+    /// As [`Forkd::start_exact`], with stderr left unread: a log reader
+    /// that stopped reading (see [`Running::spawn_leaving_stderr`]).
+    pub fn start_exact_leaving_stderr(args: &[&str]) -> Forkd {
+        let args = args.iter().map(|s| s.to_string()).collect();
+        Forkd::launch_by(Command::new(forkd()), args, Running::spawn_leaving_stderr)
     }
 
     /// Wait up to `limit` for forkd to stop cleanly: exit status 0, and its
@@ -346,11 +549,6 @@ impl Forkd {
             self.wait_log("stopped: ", limit),
             "forkd exited without its summary line",
         );
-    }
-
-    /// Wait up to `limit` for at least `n` log lines containing `needle`.
-    pub fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) -> bool {
-        wait_until(limit, || self.count_log(needle) >= n)
     }
 
     /// Panic with the log unless `read` gives `want` for the dispatcher and
