@@ -17,6 +17,7 @@ use super::cli::{CompareArgs, Workload};
 use super::report::Report;
 use super::targets::{Kind, Launcher, Server, Started};
 use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys, udp};
+use crate::cli::Mode;
 use crate::error::Error;
 
 /// Pause between two runs, so one run's closing connections do not weigh on the next.
@@ -263,14 +264,39 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         if !s.server.kind.tcp() || !still_running(s, "hold") {
             continue;
         }
+        // A prefork pool serves one connection per worker: it holds no more
+        // than its workers (the rest would wait in the listen queue, unserved).
+        let prefork = matches!(
+            s.server.kind,
+            Kind::Forkd(Mode::Prefork) | Kind::FloorPrefork
+        );
+        let conns = if prefork {
+            a.hold.min(launcher.workers())
+        } else {
+            a.hold
+        };
         let plan = hold::Plan {
             addr: s.server.addr,
-            conns: a.hold,
+            conns,
             timeout: a.timeout,
             pid: Some(s.server.pid()),
             settle: HOLD_SETTLE,
+            procs: None,
         };
-        s.hold = Some(hold::run(&plan, &format!("hold {}", s.server.name()))?);
+        let never = std::sync::atomic::AtomicBool::new(false);
+        s.hold = Some(hold::run(
+            &plan,
+            &format!("hold {}", s.server.name()),
+            &never,
+        )?);
+        if conns < a.hold
+            && let Some(h) = &mut s.hold
+        {
+            h.notes.push(format!(
+                "a prefork pool holds one connection per worker: {conns} held, not {}",
+                a.hold
+            ));
+        }
         std::thread::sleep(BETWEEN_RUNS);
     }
 
