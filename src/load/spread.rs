@@ -471,6 +471,16 @@ fn open_parts(
 /// `forkd-load hold --part FIRST`: hold connections FIRST.. for a parent
 /// hold, say how it goes on stdout, and keep them until stdin closes.
 pub fn part_main(a: &HoldArgs, first: usize) -> Result<u8, Error> {
+    // Ctrl-C reaches the whole process group: the parent stops the ramp,
+    // measures, then closes our stdin. A part that died at once would take
+    // its connections with it before they were measured.
+    // SAFETY: SIG_IGN installs no handler; nothing else handles SIGINT here.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+    }
     sys::raise_nofile(a.conns as u64 + RESERVE)
         .map_err(|e| Error::new(EXIT_OSERR, format!("cannot raise RLIMIT_NOFILE: {e}")))?;
     let never = AtomicBool::new(false);
