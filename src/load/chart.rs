@@ -1,6 +1,8 @@
 //! `compare.svg`: four bar charts (connections per second, p99 latency,
-//! stream throughput, memory per held connection), one bar per server,
-//! drawn with plotters' SVG backend.
+//! stream throughput, memory per held connection), one bar per server, and
+//! below them the whole memory of a held connection stacked by where it
+//! goes (PSS, page tables, kernel stacks, kernel objects); drawn with
+//! plotters' SVG backend.
 //!
 //! The chart reads on its own: its header says how the run was made (the
 //! workloads and their settings, the machine), a legend says what the
@@ -17,6 +19,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::comparison::{Comparison, Row};
 use super::markdown::{self, short};
+use super::report::Cost;
 
 /// One panel: a metric, its axis, and how to read and label it.
 struct Panel {
@@ -125,9 +128,14 @@ fn draw_inner(path: &Path, c: &Comparison) -> Result<(), Box<dyn std::error::Err
     let rows = &c.servers;
     let n = rows.len().max(1);
     let width = 1600u32.max(2 * 100 * n as u32);
-    let root = SVGBackend::new(path, (width, 1000)).into_drawing_area();
+    let costs = rows
+        .iter()
+        .any(|r| r.hold.as_ref().is_some_and(|h| h.cost.is_some()));
+    let height = if costs { 1400 } else { 1000 };
+    let root = SVGBackend::new(path, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let (head, body) = root.split_vertically(118);
+    let (body, bottom) = body.split_vertically(882);
 
     // Title, settings, machine, legend.
     let centre = |size| {
@@ -239,7 +247,121 @@ fn draw_inner(path: &Path, c: &Comparison) -> Result<(), Box<dyn std::error::Err
             bars!(0f64..top, 0.0, |v: f64| v + top * 0.01);
         }
     }
+    if costs {
+        draw_costs(&bottom, rows, &names)?;
+    }
     root.present()?;
+    Ok(())
+}
+
+/// One part of a held connection's whole cost: its name, colour and value.
+type Part = (&'static str, RGBColor, fn(&Cost) -> f64);
+
+/// The parts of a held connection's whole cost, bottom to top.
+const PARTS: [Part; 4] = [
+    ("PSS", RGBColor(31, 119, 180), |c| c.pss),
+    ("page tables", RGBColor(44, 160, 44), |c| c.page_tables),
+    ("kernel stacks", RGBColor(214, 39, 40), |c| c.kernel_stacks),
+    ("kernel objects", RGBColor(148, 103, 189), |c| {
+        c.kernel_objects
+    }),
+];
+
+/// The whole cost panel: one stacked bar per server, on a linear scale set
+/// by forkd and the floors (a peer far above them is cut, its total written).
+fn draw_costs(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    rows: &[Row],
+    names: &[&str],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let n = rows.len().max(1);
+    let costs: Vec<Option<Cost>> = rows
+        .iter()
+        .map(|r| r.hold.as_ref().and_then(|h| h.cost))
+        .collect();
+    let whole = |c: &Cost| PARTS.iter().map(|(_, _, f)| f(c).max(0.0)).sum::<f64>();
+    let ours = rows
+        .iter()
+        .zip(&costs)
+        .filter(|(r, _)| matches!(r.family, "forkd" | "floor"))
+        .filter_map(|(_, c)| c.as_ref().map(whole));
+    let top = ours.fold(0.0f64, f64::max);
+    let top = if top > 0.0 { top * 1.18 } else { 1.0 };
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "hold: the whole memory of an idle connection, the server's share (lower is better)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(WHITE)
+        .x_labels(n)
+        .x_label_style(("sans-serif", 12))
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => names.get(*i).unwrap_or(&"").to_string(),
+            _ => String::new(),
+        })
+        .y_labels(8)
+        .y_desc("KiB per connection")
+        .y_label_formatter(&|v| axis_label(*v))
+        .draw()?;
+    for (i, c) in costs.iter().enumerate() {
+        let Some(c) = c else { continue };
+        let mut base = 0.0f64;
+        for (_, colour, part) in PARTS {
+            let v = part(c).max(0.0);
+            let (lo, hi) = (base.min(top), (base + v).min(top));
+            base += v;
+            if hi <= lo {
+                continue;
+            }
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), lo),
+                    (SegmentValue::Exact(i + 1), hi),
+                ],
+                colour.filled(),
+            );
+            bar.set_margin(0, 0, 8, 8);
+            chart.draw_series(std::iter::once(bar))?;
+        }
+        let label = if base > top {
+            format!("{} KiB (cut)", short(base))
+        } else {
+            format!("{} KiB", short(base))
+        };
+        let on_bar = ("sans-serif", 12)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
+        chart.draw_series(std::iter::once(Text::new(
+            label,
+            (SegmentValue::CenterOf(i), base.min(top) + top * 0.01),
+            on_bar,
+        )))?;
+    }
+    // The legend: each part as an empty series with its label.
+    for &(name, colour, _) in PARTS.iter() {
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(SegmentValue::Exact(0), 0.0), (SegmentValue::Exact(0), 0.0)],
+                colour.filled(),
+            )))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 /// Most workers (`rate`) or connections (`stream`) at once.
 pub const MAX_WORKERS: usize = 4096;
 /// Most connections `hold` opens.
-pub const MAX_HOLD: usize = 100_000;
+pub const MAX_HOLD: usize = 1_000_000;
 /// Largest message or chunk.
 pub const MAX_SIZE: usize = 16 << 20;
 
@@ -151,6 +151,14 @@ pub struct HoldArgs {
     /// After closing them all, how long to wait for the server to settle.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_timeout)]
     pub settle: Duration,
+
+    /// Client processes holding the connections (default: as few as the descriptor limit allows).
+    #[arg(long, value_name = "N", value_parser = parse_procs)]
+    pub procs: Option<usize>,
+
+    /// Internal: hold --conns connections numbered from FIRST for a parent hold, and report on stdout.
+    #[arg(long, value_name = "FIRST", hide = true)]
+    pub part: Option<usize>,
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -394,6 +402,13 @@ fn parse_workers(s: &str) -> Result<usize, String> {
 
 fn parse_hold(s: &str) -> Result<usize, String> {
     parse_count(s, MAX_HOLD)
+}
+
+/// Most client processes `hold` spreads over.
+pub const MAX_PROCS: usize = 256;
+
+fn parse_procs(s: &str) -> Result<usize, String> {
+    parse_count(s, MAX_PROCS)
 }
 
 #[cfg(test)]

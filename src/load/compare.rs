@@ -19,6 +19,7 @@ use super::targets::{Kind, Launcher, Server, Started};
 use super::workers::Outcome;
 use super::{EXIT_CANTCREAT, EXIT_ERRORS, EXIT_OK, chart, hold, markdown, rate, stream, sys, udp};
 use forkd::error::Error;
+use forkd::model::Mode;
 
 /// Pause between two runs, so one run's closing connections do not weigh on the next.
 const BETWEEN_RUNS: Duration = Duration::from_millis(300);
@@ -52,7 +53,7 @@ pub fn main(a: &CompareArgs) -> Result<u8, Error> {
         cpus: pinning.as_ref().map(|p| p.servers.clone()),
     };
     let (mut slots, skipped) = start(&launcher, kinds(a))?;
-    measure(a, &mut slots)?;
+    measure(a, &mut slots, launcher.workers())?;
     let comparison = Comparison {
         machine: machine(cpus, pinning.map(|p| p.said)),
         settings: settings(a),
@@ -169,7 +170,7 @@ fn start(launcher: &Launcher, kinds: Vec<Kind>) -> Result<(Vec<Slot>, Vec<Skippe
 
 /// Every workload asked for on every server it applies to: the timed ones
 /// in rounds, each round in the other order, then `hold` once each.
-fn measure(a: &CompareArgs, slots: &mut [Slot]) -> Result<(), Error> {
+fn measure(a: &CompareArgs, slots: &mut [Slot], pool: usize) -> Result<(), Error> {
     let wants = |w: Workload| a.workloads.contains(&w);
     let slice = a.duration / a.rounds;
     let tcp = |s: &Server| s.kind.tcp().then_some(s.addr);
@@ -243,25 +244,47 @@ fn measure(a: &CompareArgs, slots: &mut [Slot]) -> Result<(), Error> {
         }
     }
     if wants(Workload::Hold) {
-        hold_each(a, slots)?;
+        hold_each(a, slots, pool)?;
     }
     Ok(())
 }
 
-/// `hold`, once on each TCP server that still runs, a pause after each.
-fn hold_each(a: &CompareArgs, slots: &mut [Slot]) -> Result<(), Error> {
+/// `hold`, once on each TCP server that still runs, a pause after each; a
+/// prefork server (a pool of `pool` workers) is asked for no more than that.
+fn hold_each(a: &CompareArgs, slots: &mut [Slot], pool: usize) -> Result<(), Error> {
     for s in slots.iter_mut() {
         if !s.server.kind.tcp() || !still_running(s, "hold") {
             continue;
         }
+        // A prefork pool serves one connection per worker: it holds no more
+        // than its workers (the rest would wait in the listen queue, unserved).
+        let prefork = matches!(
+            s.server.kind,
+            Kind::Forkd(Mode::Prefork) | Kind::FloorPrefork
+        );
+        let conns = if prefork { a.hold.min(pool) } else { a.hold };
         let plan = hold::Plan {
             addr: s.server.addr,
-            conns: a.hold,
+            conns,
             timeout: a.timeout,
             pid: Some(s.server.pid()),
             settle: HOLD_SETTLE,
+            procs: None,
         };
-        s.hold = Some(hold::run(&plan, &format!("hold {}", s.server.name()))?);
+        let never = std::sync::atomic::AtomicBool::new(false);
+        s.hold = Some(hold::run(
+            &plan,
+            &format!("hold {}", s.server.name()),
+            &never,
+        )?);
+        if conns < a.hold
+            && let Some(h) = &mut s.hold
+        {
+            h.notes.push(format!(
+                "a prefork pool holds one connection per worker: {conns} held, not {}",
+                a.hold
+            ));
+        }
         std::thread::sleep(BETWEEN_RUNS);
     }
     Ok(())

@@ -1,51 +1,65 @@
-//! `hold`: open many connections and keep them open, idle.
+//! `hold`: open many connections and keep them open, idle, and measure
+//! what each costs the server: not only its memory (PSS) but what the
+//! kernel keeps for it (page tables, kernel stacks, slab objects).
 //!
 //! Each connection echoes one short tag to prove a server is behind it (a
 //! connection waiting in the listen queue is not served). With the server's
-//! pid, the tree is read twice: before the first connection (the baseline)
-//! and with all of them open. Memory per connection is the growth of the
-//! tree's PSS divided by the connections held, so the server's fixed cost
-//! is not spread over them. Then everything is closed, and the tree is
-//! watched for up to `--settle` until it is back to its baseline process
-//! count with no zombie.
+//! pid, the tree and the kernel's counters (see [`super::kernel`]) are read
+//! twice: before the first connection (the baseline) and with all of them
+//! open. Every figure per connection is a growth divided by the connections
+//! held, so the server's fixed cost is not spread over them. Then everything
+//! is closed, and the tree is watched for up to `--settle` until it is back
+//! to its baseline process count with no zombie.
+//!
+//! Past one process's descriptor limit the connections are spread over
+//! client processes ([`super::spread`]). The kernel's task limits
+//! (`kernel.pid_max`, `kernel.threads-max`) are the host's to set:
+//! `scripts/scale.sh` raises them for a run when asked and puts them back.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use super::cli::HoldArgs;
+use super::kernel::{self, Meminfo, Slabs};
 use super::proctree::Tree;
-use super::progress::Progress;
-use super::report::{Failure, Kind, Report};
+use super::report::{Cost, Report};
+use super::spread::{self, TAG_LEN};
 use super::sys;
 use forkd::error::{EXIT_OSERR, EXIT_UNAVAILABLE, Error, count};
-
-/// Descriptors kept free for everything that is not a held connection.
-const RESERVE: u64 = 64;
-/// Connections opened before their echoes are checked; bounds how many wait
-/// in the server's listen queue at once.
-const BATCH: usize = 100;
 
 /// What a hold run is asked to do.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub addr: SocketAddr,
+    pub addr: std::net::SocketAddr,
     pub conns: usize,
     pub timeout: Duration,
     pub pid: Option<i32>,
     pub settle: Duration,
+    /// Client processes to spread over (None: as few as the descriptor limit allows).
+    pub procs: Option<usize>,
 }
 
 /// `forkd-load hold`.
 pub fn main(a: &HoldArgs) -> Result<u8, Error> {
+    if let Some(first) = a.part {
+        return spread::part_main(a, first);
+    }
     let plan = Plan {
         addr: a.common.addr,
         conns: a.conns,
         timeout: a.common.timeout,
         pid: a.common.pid,
         settle: a.settle,
+        procs: a.procs,
     };
-    let report = run(&plan, "hold")?;
+    // Ctrl-C ends the ramp early and still measures, closes and settles.
+    let stop = Arc::new(AtomicBool::new(false));
+    for s in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(s, Arc::clone(&stop))
+            .map_err(|e| Error::new(EXIT_OSERR, format!("cannot catch signal {s}: {e}")))?;
+    }
+    let report = run(&plan, "hold", &stop)?;
     report.print(a.common.json);
     Ok(report.exit_code())
 }
@@ -62,148 +76,147 @@ fn read_tree(pid: i32) -> Result<Tree, Error> {
     })
 }
 
-/// Run the workload once.
-pub fn run(plan: &Plan, label: &str) -> Result<Report, Error> {
+/// The server's tree and the kernel's counters at one moment.
+struct Snapshot {
+    tree: Tree,
+    pss: u64,
+    page_tables: u64,
+    mem: Option<Meminfo>,
+    slabs: Option<Slabs>,
+    system_threads: Option<u64>,
+}
+
+impl Snapshot {
+    fn take(pid: i32) -> Result<Snapshot, Error> {
+        let tree = read_tree(pid)?;
+        Ok(Snapshot {
+            pss: tree.pss_kib(),
+            page_tables: tree.page_tables_kib(),
+            mem: Meminfo::read().ok(),
+            slabs: Slabs::read(),
+            system_threads: kernel::system_threads(),
+            tree,
+        })
+    }
+
+    /// The cost of each of `held` connections, from `self` to `now`.
+    fn cost(&self, now: &Snapshot, held: u64) -> Option<Cost> {
+        if held == 0 {
+            return None;
+        }
+        let per = |before: f64, after: f64| (after - before) / held as f64;
+        let (m0, m1) = (self.mem?, now.mem?);
+        let threads = now.tree.threads() as f64 - self.tree.threads() as f64;
+        // The kernel stack of one thread: how KernelStack grew over how many
+        // threads the machine gained (16 KiB on x86-64 and arm64).
+        let stack = match (self.system_threads, now.system_threads) {
+            (Some(a), Some(b)) if b > a => {
+                Some((m1.kernel_stack as f64 - m0.kernel_stack as f64) / (b - a) as f64)
+            }
+            _ => None,
+        };
+        let kernel_stacks = match stack {
+            Some(s) => threads.max(0.0) * s / held as f64,
+            None if threads <= 0.0 => 0.0,
+            None => per(m0.kernel_stack as f64, m1.kernel_stack as f64),
+        };
+        let slab = per(m0.slab as f64, m1.slab as f64);
+        let growth = match (&self.slabs, &now.slabs) {
+            (Some(a), Some(b)) => Some(a.growth(b)),
+            _ => None,
+        };
+        // The server's share: every slab object but the client's half of
+        // the sockets (both ends of a loopback connection are alike).
+        let kernel_objects = match growth {
+            Some(g) => slab - g.sockets / 2.0 / held as f64,
+            None => slab,
+        };
+        let pss = per(self.pss as f64, now.pss as f64);
+        let page_tables = per(self.page_tables as f64, now.page_tables as f64);
+        Some(Cost {
+            pss,
+            page_tables,
+            kernel_stacks,
+            kernel_objects,
+            whole: pss + page_tables + kernel_stacks + kernel_objects,
+            slab_both_ends: slab,
+            slab_sockets: growth.map(|g| g.sockets / held as f64),
+            slab_tasks: growth.map(|g| g.tasks / held as f64),
+            slab_other: growth.map(|g| g.other / held as f64),
+            kernel_stack_kib: stack,
+            machine: per(m1.available as f64, m0.available as f64),
+        })
+    }
+}
+
+/// Run the workload once; setting `stop` ends the ramp early.
+pub fn run(plan: &Plan, label: &str, stop: &AtomicBool) -> Result<Report, Error> {
     let mut r = Report {
         workload: "hold",
         addr: plan.addr.to_string(),
         conns: plan.conns as u64,
         ..Report::default()
     };
-    let want = plan.conns as u64 + RESERVE;
-    let limit = sys::raise_nofile(want)
-        .map_err(|e| Error::new(EXIT_OSERR, format!("cannot raise RLIMIT_NOFILE: {e}")))?;
-    let target = if limit < want {
-        let n = limit.saturating_sub(RESERVE) as usize;
+    if let Some((room, limit)) = kernel::task_room()
+        && room < plan.conns as u64
+    {
         r.notes.push(format!(
-            "RLIMIT_NOFILE hard limit allows {}: holding {n} of {}",
-            count(limit, "descriptor", "descriptors"),
-            count(plan.conns as u64, "connection", "connections")
+            "{limit} leaves room for {} more: a server with a process or thread per connection stops there",
+            count(room, "task", "tasks")
         ));
-        eprintln!("forkd-load: {}", r.notes[r.notes.len() - 1]);
-        n
-    } else {
-        plan.conns
-    };
-
-    let base = match plan.pid {
-        Some(pid) => Some(read_tree(pid)?),
+    }
+    let before = match plan.pid {
+        Some(pid) => Some(Snapshot::take(pid)?),
         None => None,
     };
-    let base_pss = base.as_ref().map(|t| t.pss_kib());
     let cpu0 = sys::self_cpu_s();
-    let start = Instant::now();
+    let opened = spread::open(plan.addr, plan.conns, plan.timeout, plan.procs, label, stop)?;
+    let held = opened.held;
+    r.held = Some(held);
+    r.errors.merge(&opened.errors);
+    r.notes.extend(opened.notes.iter().cloned());
+    r.client_procs = Some(opened.procs as u64);
+    if opened.open_s > 0.0 {
+        r.ramp_per_s = Some(held as f64 / opened.open_s);
+    }
+    r.ramp = Some(opened.ramp.clone());
+    r.elapsed_s = opened.open_s;
+    r.bytes = held * TAG_LEN as u64;
 
-    let mut held: Vec<TcpStream> = Vec::with_capacity(target);
-    // About a millisecond per connection: a bar from a few thousand on.
-    let progress = Progress::count(target as u64, Duration::from_millis(target as u64), label);
-    let mut next = 0usize;
-    while next < target {
-        let batch_end = (next + BATCH).min(target);
-        let before = r.errors.timeout;
-        let opened: Vec<(usize, TcpStream)> = (next..batch_end)
-            .filter_map(|i| match open(plan.addr, plan.timeout, i) {
-                Ok(s) => Some((i, s)),
-                Err(f) => {
-                    r.errors.add(f);
-                    None
-                }
-            })
-            .collect();
-        // The echoes of one batch share one deadline, so a server that stopped
-        // serving costs one timeout, not one per connection.
-        let deadline = Instant::now() + plan.timeout;
-        for (i, mut s) in opened {
-            match check_echo(&mut s, i, deadline) {
-                Ok(()) => held.push(s),
-                Err(f) => r.errors.add(f),
-            }
+    if let (Some(pid), Some(base)) = (plan.pid, &before) {
+        let now = Snapshot::take(pid)?;
+        r.procs = Some(now.tree.count());
+        r.threads = Some(now.tree.threads());
+        r.zombies = Some(now.tree.zombies());
+        r.pss_kib_baseline = Some(base.pss as f64);
+        r.pss_kib_total = Some(now.pss as f64);
+        if held > 0 {
+            r.pss_kib_per_conn = Some((now.pss as f64 - base.pss as f64) / held as f64);
         }
-        progress.inc((batch_end - next) as u64);
-        next = batch_end;
-        if r.errors.timeout > before {
-            r.notes.push(format!(
-                "the server stopped serving new connections after {}: not opening more",
-                count(held.len() as u64, "connection", "connections")
-            ));
-            break;
+        r.cost = base.cost(&now, held);
+        if base.slabs.is_none() {
+            r.notes.push(
+                "/proc/slabinfo is not readable (root only): kernel objects include the client's sockets"
+                    .to_string(),
+            );
         }
     }
-    progress.finish();
-    r.held = Some(held.len() as u64);
+    opened.close();
 
-    if let (Some(pid), Some(_)) = (plan.pid, &base) {
-        let now = read_tree(pid)?;
-        let total = now.pss_kib();
-        let base_pss = base_pss.unwrap_or(0);
-        r.procs = Some(now.count());
-        r.threads = Some(now.threads());
-        r.zombies = Some(now.zombies());
-        r.pss_kib_baseline = Some(base_pss as f64);
-        r.pss_kib_total = Some(total as f64);
-        if !held.is_empty() {
-            r.pss_kib_per_conn = Some((total as f64 - base_pss as f64) / held.len() as f64);
-        }
-    }
-    r.elapsed_s = start.elapsed().as_secs_f64();
-    r.bytes = held.len() as u64 * TAG_LEN as u64;
-    drop(held);
-
-    if let (Some(pid), Some(base)) = (plan.pid, &base) {
-        let end = Instant::now() + plan.settle;
+    if let (Some(pid), Some(base)) = (plan.pid, &before) {
+        let end = std::time::Instant::now() + plan.settle;
         let mut after = read_tree(pid)?;
-        while Instant::now() < end && (after.count() > base.count() || after.zombies() > 0) {
+        while std::time::Instant::now() < end
+            && (after.count() > base.tree.count() || after.zombies() > 0)
+        {
             std::thread::sleep(Duration::from_millis(20));
             after = read_tree(pid)?;
         }
         r.procs_after = Some(after.count());
         r.zombies_after = Some(after.zombies());
-        r.server_cpu_s = Some(after.cpu_s() - base.cpu_s());
+        r.server_cpu_s = Some(after.cpu_s() - base.tree.cpu_s());
     }
     r.gen_cpu_s = sys::self_cpu_s() - cpu0;
-    r.ok = r.errors.total == 0 && r.held == Some(target as u64);
+    r.ok = r.errors.total == 0 && r.held == Some(plan.conns as u64);
     Ok(r)
-}
-
-const TAG_LEN: usize = 8;
-
-/// The bytes connection `i` sends: its number, so a reply from another connection shows.
-fn tag(i: usize) -> [u8; TAG_LEN] {
-    (i as u64 ^ 0xF0F0_5A5A_0000_0000).to_le_bytes()
-}
-
-fn open(addr: SocketAddr, timeout: Duration, i: usize) -> Result<TcpStream, Failure> {
-    let mut s = sys::connect(addr, timeout).map_err(|e| Failure::io("connect", &e))?;
-    s.write_all(&tag(i)).map_err(|e| Failure::io("write", &e))?;
-    Ok(s)
-}
-
-/// Read connection `i`'s tag back before `deadline`.
-fn check_echo(s: &mut TcpStream, i: usize, deadline: Instant) -> Result<(), Failure> {
-    let want = tag(i);
-    let mut got = [0u8; TAG_LEN];
-    let mut n = 0;
-    while n < TAG_LEN {
-        let left = deadline.saturating_duration_since(Instant::now());
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .map_err(|e| Failure::io("socket options", &e))?;
-        match s.read(&mut got[n..]) {
-            Ok(0) => {
-                return Err(Failure::new(
-                    Kind::ShortRead,
-                    format!("echo ended after {n} of {TAG_LEN} bytes"),
-                ));
-            }
-            Ok(k) => n += k,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(Failure::io("read", &e)),
-        }
-    }
-    if got != want {
-        return Err(Failure::new(
-            Kind::Corrupt,
-            format!("tag {want:02x?} came back as {got:02x?}"),
-        ));
-    }
-    Ok(())
 }

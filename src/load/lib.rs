@@ -10,6 +10,10 @@
 //! - [`rate`]: short connections, as many per second as the server takes.
 //! - [`stream`]: long connections echoing continuously.
 //! - [`hold`]: many idle connections, and what they cost the server.
+//! - [`spread`]: opening hold's connections, in this process or spread over
+//!   client processes when one process's descriptor limit is too few.
+//! - [`kernel`]: what the kernel spends meanwhile (page tables, kernel stacks,
+//!   slab caches), and how much room the kernel's task limits leave.
 //! - [`udp`]: datagrams over UDP, one in flight per worker: rate, loss, latency.
 //! - [`proctree`]: a server's process tree from `/proc`: processes, threads,
 //!   zombies, PSS and CPU time.
@@ -32,12 +36,14 @@ pub mod cli;
 pub mod compare;
 pub mod comparison;
 pub mod hold;
+pub mod kernel;
 pub mod markdown;
 pub mod pattern;
 pub mod proctree;
 pub mod progress;
 pub mod rate;
 pub mod report;
+pub mod spread;
 pub mod stream;
 pub mod sys;
 pub mod targets;

@@ -32,6 +32,21 @@ pub fn render(c: &Comparison) -> String {
              the server's CPU time per datagram echoed.\n\n",
         );
     }
+    if c.servers
+        .iter()
+        .any(|r| r.hold.as_ref().is_some_and(|h| h.cost.is_some()))
+    {
+        out.push_str(&cost_table(&c.servers));
+        out.push('\n');
+        out.push_str(
+            "The whole memory of a held connection, KiB, the server's share: PSS (as above), page \
+             tables (`VmPTE` summed over the tree), kernel stacks (the tree's new threads times \
+             one thread's stack), kernel objects (slab growth in /proc/meminfo less half the \
+             socket caches' growth: on loopback both ends' sockets are in one kernel). Slab \
+             grew by the last three columns, both ends. Machine-wide counters: other work on \
+             the machine moves them too.\n\n",
+        );
+    }
     out.push_str(
         "conn/s, p50, p99: `rate` (a whole connection: connect, send, half-close, echo to \
          end-of-file). MiB/s: `stream`, every byte checked. KiB/conn: growth of the server \
@@ -85,6 +100,33 @@ pub fn udp_table(rows: &[Row]) -> String {
             num(per),
             num(Some(u.gen_cpu_s)),
             u.errors.total
+        ));
+    }
+    out
+}
+
+/// The whole memory of a held connection, split by where it goes.
+pub fn cost_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| server | whole KiB/conn | PSS | page tables | kernel stacks | kernel objects | slab: sockets | tasks | other |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let num = |v: Option<f64>| v.map(short).unwrap_or_else(|| "–".to_string());
+    for r in rows {
+        let Some(c) = r.hold.as_ref().and_then(|h| h.cost) else {
+            continue;
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.name,
+            num(Some(c.whole)),
+            num(Some(c.pss)),
+            num(Some(c.page_tables)),
+            num(Some(c.kernel_stacks)),
+            num(Some(c.kernel_objects)),
+            num(c.slab_sockets),
+            num(c.slab_tasks),
+            num(c.slab_other),
         ));
     }
     out

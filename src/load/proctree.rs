@@ -100,6 +100,14 @@ impl Tree {
         ticks as f64 / super::sys::clock_ticks()
     }
 
+    /// The tree's page tables in KiB: `VmPTE` summed (zombies and vanished processes count 0).
+    pub fn page_tables_kib(&self) -> u64 {
+        self.procs
+            .iter()
+            .map(|p| page_tables_kib(p.pid).unwrap_or(0))
+            .sum()
+    }
+
     /// Total PSS of the tree in KiB (zombies and vanished processes count 0).
     pub fn pss_kib(&self) -> u64 {
         self.procs.iter().map(|p| pss_kib(p.pid).unwrap_or(0)).sum()
@@ -120,6 +128,13 @@ pub fn cpu_s_since(before: Option<f64>, root: Option<i32>) -> Option<f64> {
 pub fn pss_kib(pid: i32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     parse_pss(&text)
+}
+
+/// The `VmPTE:` line of `/proc/PID/status`, in KiB: the process's page tables.
+pub fn page_tables_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmPTE:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn parse_pss(text: &str) -> Option<u64> {
@@ -145,6 +160,7 @@ mod tests {
         assert_eq!(t.procs[0].pid, me);
         assert!(t.threads() >= 1);
         assert!(t.pss_kib() > 0);
+        assert!(t.page_tables_kib() > 0);
         assert_eq!(parse_pss("Rss: 10 kB\nPss:  123 kB\n"), Some(123));
     }
 }

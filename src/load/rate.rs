@@ -10,7 +10,7 @@
 //! byte too many is extra: all are errors.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -157,6 +157,7 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
         .pace
         .map(|r| Duration::from_secs_f64(plan.concurrency as f64 / r));
     let stagger = id as f64 / plan.concurrency as f64;
+    let from = sys::loopback_source(plan.addr, id, sys::SOURCES);
     let mut buf = vec![0u8; plan.size.clamp(4096, 64 << 10)];
     let mut r = WorkerResult {
         conns: 0,
@@ -177,7 +178,7 @@ fn worker(plan: &Plan, id: usize, start: Instant, deadline: Instant) -> WorkerRe
         let shift = n % SHIFTS;
         n += 1;
         let payload = &source[shift..shift + plan.size];
-        match one_proxied(plan.addr, payload, &mut buf, plan.timeout, plan.proxy) {
+        match one_from(from, plan.addr, payload, &mut buf, plan.timeout, plan.proxy) {
             Ok(took) => {
                 r.conns += 1;
                 r.bytes += payload.len() as u64;
@@ -200,12 +201,14 @@ pub fn one(
     buf: &mut [u8],
     timeout: Duration,
 ) -> Result<Duration, Failure> {
-    one_proxied(addr, payload, buf, timeout, None)
+    one_from(None, addr, payload, buf, timeout, None)
 }
 
-/// As [`one`], the connection begun with a PROXY header if asked (before
-/// the payload, in the same write when the payload is sent inline).
-pub fn one_proxied(
+/// As [`one`], from a chosen local address (see [`sys::SOURCES`]), the
+/// connection begun with a PROXY header if asked (before the payload, in
+/// the same write when the payload is sent inline).
+pub fn one_from(
+    from: Option<IpAddr>,
     addr: SocketAddr,
     payload: &[u8],
     buf: &mut [u8],
@@ -215,7 +218,7 @@ pub fn one_proxied(
     let t0 = Instant::now();
     // No TCP_NODELAY: the half-close after the payload pushes out its last
     // segment at once, so Nagle never holds it.
-    let mut s = sys::connect(addr, timeout).map_err(|e| Failure::io("connect", &e))?;
+    let mut s = sys::connect_from(addr, from, timeout).map_err(|e| Failure::io("connect", &e))?;
     if let Some(version) = proxy {
         let client = s.local_addr().map_err(|e| Failure::io("getsockname", &e))?;
         let header = match version {

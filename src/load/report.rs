@@ -11,6 +11,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::spread::RampPoint;
 use forkd::error::count;
 
 /// Why one connection (or one operation on it) failed.
@@ -45,6 +46,21 @@ impl Kind {
         }
     }
 
+    /// The kind called `name` (as [`Kind::name`] gives it).
+    pub fn named(name: &str) -> Option<Kind> {
+        [
+            Kind::Refused,
+            Kind::Reset,
+            Kind::Timeout,
+            Kind::ShortRead,
+            Kind::Corrupt,
+            Kind::Extra,
+            Kind::Other,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
+    }
+
     /// The kind of an I/O error from connect, read or write.
     pub fn of(e: &io::Error) -> Kind {
         match e.kind() {
@@ -61,7 +77,7 @@ impl Kind {
 }
 
 /// A failed connection: its kind, and a message for the first of each kind.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Failure {
     pub kind: Kind,
     pub message: String,
@@ -192,6 +208,33 @@ impl Latency {
     }
 }
 
+/// What one held connection costs, in KiB: the server's share, split by
+/// where it goes (see `hold` and `docs/load.md` for how each is read).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Cost {
+    /// Growth of the server tree's PSS.
+    pub pss: f64,
+    /// Growth of the server tree's page tables (VmPTE summed).
+    pub page_tables: f64,
+    /// The server's new threads times one thread's kernel stack.
+    pub kernel_stacks: f64,
+    /// Slab growth without the client's half of the sockets.
+    pub kernel_objects: f64,
+    /// The sum of the four above.
+    pub whole: f64,
+    /// Slab growth, both ends (`Slab:` in /proc/meminfo).
+    pub slab_both_ends: f64,
+    /// Of which socket caches (both ends), task caches, and the rest
+    /// (null without /proc/slabinfo, which only root can read).
+    pub slab_sockets: Option<f64>,
+    pub slab_tasks: Option<f64>,
+    pub slab_other: Option<f64>,
+    /// One thread's kernel stack, as measured (null if no thread was made).
+    pub kernel_stack_kib: Option<f64>,
+    /// How far `MemAvailable:` fell: everything, both ends, the generator too.
+    pub machine: f64,
+}
+
 /// One run of one workload against one server.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -239,6 +282,14 @@ pub struct Report {
     pub pss_kib_total: Option<f64>,
     /// hold: (total - baseline) / held, in KiB.
     pub pss_kib_per_conn: Option<f64>,
+    /// hold: what each held connection costs, in KiB (with `--pid`).
+    pub cost: Option<Cost>,
+    /// hold: client processes the connections were spread over.
+    pub client_procs: Option<u64>,
+    /// hold: connections opened and proven served per second, first to last.
+    pub ramp_per_s: Option<f64>,
+    /// hold: connections held at each tenth of the way.
+    pub ramp: Option<Vec<RampPoint>>,
     /// hold: processes in the tree after closing everything and settling.
     pub procs_after: Option<u64>,
     /// hold: zombies in the tree after closing everything and settling.
@@ -329,6 +380,45 @@ impl Report {
                 self.pss_kib_per_conn.unwrap_or(0.0)
             ));
         }
+        if let Some(c) = &self.cost {
+            out.push_str(&format!(
+                "  whole cost per connection: {:.1} KiB = PSS {:.1} + page tables {:.1} + kernel stacks {:.1} + kernel objects {:.1}\n",
+                c.whole, c.pss, c.page_tables, c.kernel_stacks, c.kernel_objects
+            ));
+            let split = match (c.slab_sockets, c.slab_tasks, c.slab_other) {
+                (Some(s), Some(t), Some(o)) => {
+                    format!(": sockets {s:.1}, tasks {t:.1}, other {o:.1}")
+                }
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "    slab grew {:.1} KiB per connection, both ends{split}; MemAvailable fell {:.1} KiB per connection\n",
+                c.slab_both_ends, c.machine
+            ));
+        }
+        if let Some(rate) = self.ramp_per_s {
+            let tenths: Vec<String> = self
+                .ramp
+                .iter()
+                .flatten()
+                .scan((0u64, 0f64), |last, p| {
+                    let r = (p.held - last.0) as f64 / (p.s - last.1).max(1e-9);
+                    *last = (p.held, p.s);
+                    Some(short_rate(r))
+                })
+                .collect();
+            out.push_str(&format!(
+                "  ramp: {:.0} connections a second over {:.1} s, from {}; each tenth: {}/s\n",
+                rate,
+                self.elapsed_s,
+                count(
+                    self.client_procs.unwrap_or(1),
+                    "client process",
+                    "client processes"
+                ),
+                tenths.join(" ")
+            ));
+        }
         if let (Some(p), Some(z)) = (self.procs_after, self.zombies_after) {
             out.push_str(&format!(
                 "  after closing: {}, {}\n",
@@ -364,6 +454,15 @@ impl Report {
 }
 
 pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// 812, 12.3k.
+fn short_rate(r: f64) -> String {
+    if r >= 10_000.0 {
+        format!("{:.1}k", r / 1000.0)
+    } else {
+        format!("{r:.0}")
+    }
+}
 
 #[cfg(test)]
 mod tests {

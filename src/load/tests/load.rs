@@ -339,6 +339,44 @@ fn hold_counts_the_fork_tree_and_leaves_no_zombie() {
     );
 }
 
+/// Past one process's share, hold spreads the connections over client
+/// processes (copies of itself) and over loopback addresses, and reports
+/// the whole cost of each connection. forkd allows one connection per
+/// client address here: all 90 served shows 90 addresses.
+#[test]
+fn hold_spreads_over_client_processes_and_reports_the_whole_cost() {
+    let f = Forkd::start(&["-q", "--mode", "fork", "--max-per-ip", "1"]);
+    let addr = f.addr().to_string();
+    let pid = f.pid().to_string();
+    let args = [
+        "hold", "--addr", &addr, "--conns", "90", "--procs", "3", "--pid", &pid, "--json",
+    ];
+    let out = load(&args, LIMIT);
+    f.check(out.status.success(), &explain(&args, &out));
+    let h = json(&args, &out);
+    assert_eq!(num(&h, &["held"]), 90.0, "{h}");
+    assert_eq!(num(&h, &["client_procs"]), 3.0, "{h}");
+    assert_eq!(num(&h, &["procs"]), 91.0, "dispatcher + 90 children: {h}");
+    assert_eq!(num(&h, &["errors", "total"]), 0.0, "{h}");
+    assert_eq!(num(&h, &["zombies_after"]), 0.0, "{h}");
+    assert_eq!(num(&h, &["procs_after"]), 1.0, "{h}");
+    let parts = ["pss", "page_tables", "kernel_stacks", "kernel_objects"];
+    let sum: f64 = parts.iter().map(|p| num(&h, &["cost", p])).sum();
+    assert!(
+        (num(&h, &["cost", "whole"]) - sum).abs() < 1e-6,
+        "whole is the sum of its parts: {h}"
+    );
+    // Every child has page tables of its own and a kernel stack.
+    assert!(num(&h, &["cost", "page_tables"]) > 0.0, "{h}");
+    assert!(num(&h, &["cost", "pss"]) > 0.0, "{h}");
+    let ramp = h["ramp"].as_array().expect("ramp points");
+    assert_eq!(ramp.last().map(|p| num(p, &["held"])), Some(90.0), "{h}");
+    f.check(
+        wait_until(Duration::from_secs(5), || f.children().is_empty()),
+        "children left after hold",
+    );
+}
+
 #[test]
 fn paced_rate_sends_what_was_asked_and_no_more() {
     let f = Forkd::start(&["-q"]);
