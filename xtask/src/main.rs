@@ -479,7 +479,8 @@ mod tests {
         let page = load_page();
         for sub in forkd_load::cli::Args::command().get_subcommands() {
             assert!(page.contains(&format!(".SH FORKD-LOAD {}", sub.get_name().to_uppercase())));
-            for arg in sub.get_arguments() {
+            // Hidden options are internal (hold's client processes), not the user's.
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
                 if let Some(long) = arg.get_long() {
                     let long = format!("\\-\\-{}", long.replace('-', "\\-"));
                     assert!(
