@@ -35,21 +35,19 @@ mkdir -p "$out"
 # The kernel's task limits: room for CONNS processes beside what runs now.
 tasks=$(cut -d' ' -f4 /proc/loadavg | cut -d/ -f2)
 need=$(((conns + tasks) * 5 / 4 + 1024))
-restore=""
+restore="" # PATH=OLD pairs to write back
 put_back() {
 	for kv in $restore; do
-		echo "${kv%=*}" | tr . / | sed 's|^|/proc/sys/|' | {
-			read -r path
-			echo "${kv#*=}" >"$path"
-		}
-		echo "scale.sh: put ${kv%=*} back to ${kv#*=}" >&2
+		echo "${kv#*=}" >"${kv%=*}"
+		echo "scale.sh: put $(sysctl_name "${kv%=*}") back to ${kv#*=}" >&2
 	done
 	restore=""
 }
+sysctl_name() { echo "${1#/proc/sys/}" | tr / .; }
 trap put_back EXIT
 trap 'put_back; exit 130' INT TERM
-for name in kernel.pid_max kernel.threads-max; do
-	path=/proc/sys/$(echo "$name" | tr . /)
+for path in /proc/sys/kernel/pid_max /proc/sys/kernel/threads-max; do
+	name=$(sysctl_name "$path")
 	old=$(cat "$path")
 	[ "$old" -ge "$need" ] && continue
 	if [ "$raise" != yes ]; then
@@ -58,7 +56,7 @@ for name in kernel.pid_max kernel.threads-max; do
 		exit 2
 	fi
 	echo "$need" >"$path"
-	restore="$name=$old $restore"
+	restore="$path=$old $restore"
 	echo "scale.sh: raised $name from $old to $need for this run" >&2
 done
 

@@ -170,16 +170,16 @@ pub fn run(plan: &Plan, label: &str, stop: &AtomicBool) -> Result<Report, Error>
         None => None,
     };
     let cpu0 = sys::self_cpu_s();
-    let opened = spread::open(plan.addr, plan.conns, plan.timeout, plan.procs, label, stop)?;
+    let mut opened = spread::open(plan.addr, plan.conns, plan.timeout, plan.procs, label, stop)?;
     let held = opened.held;
     r.held = Some(held);
     r.errors.merge(&opened.errors);
-    r.notes.extend(opened.notes.iter().cloned());
+    r.notes.append(&mut opened.notes);
     r.client_procs = Some(opened.procs as u64);
     if opened.open_s > 0.0 {
         r.ramp_per_s = Some(held as f64 / opened.open_s);
     }
-    r.ramp = Some(opened.ramp.clone());
+    r.ramp = Some(std::mem::take(&mut opened.ramp));
     r.elapsed_s = opened.open_s;
     r.bytes = held * TAG_LEN as u64;
 

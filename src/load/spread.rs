@@ -158,8 +158,7 @@ fn open_here(
     label: &str,
     stop: &AtomicBool,
 ) -> Result<Opened, Error> {
-    sys::raise_nofile(conns as u64 + RESERVE)
-        .map_err(|e| Error::new(EXIT_OSERR, format!("cannot raise RLIMIT_NOFILE: {e}")))?;
+    room_for(conns)?;
     // About a millisecond per connection: a bar from a few thousand on.
     let progress = Progress::count(conns as u64, Duration::from_millis(conns as u64), label);
     let mut ramp = Ramp::new(conns as u64);
@@ -181,6 +180,12 @@ fn open_here(
         procs: 1,
         holder: Holder::Here(batch.held),
     })
+}
+
+/// Raise this process's descriptor limit for `conns` connections and the rest.
+fn room_for(conns: usize) -> Result<u64, Error> {
+    sys::raise_nofile(conns as u64 + RESERVE)
+        .map_err(|e| Error::new(EXIT_OSERR, format!("cannot raise RLIMIT_NOFILE: {e}")))
 }
 
 /// What one process's batches opened.
@@ -481,8 +486,7 @@ pub fn part_main(a: &HoldArgs, first: usize) -> Result<u8, Error> {
             nix::sys::signal::SigHandler::SigIgn,
         );
     }
-    sys::raise_nofile(a.conns as u64 + RESERVE)
-        .map_err(|e| Error::new(EXIT_OSERR, format!("cannot raise RLIMIT_NOFILE: {e}")))?;
+    room_for(a.conns)?;
     let never = AtomicBool::new(false);
     let mut out = std::io::stdout().lock();
     let mut say = |line: String| {
