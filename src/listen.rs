@@ -103,6 +103,16 @@ impl Listener {
         accept_on(self.fd.as_fd(), nonblocking)
     }
 
+    /// Make accept on this socket block (for every process that holds
+    /// it): for a prefork pool on one listener, whose workers wait in
+    /// accept itself.
+    pub fn set_blocking(&self) -> nix::Result<()> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let flags = OFlag::from_bits_truncate(fcntl(&self.fd, FcntlArg::F_GETFL)?);
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+        Ok(())
+    }
+
     /// Stop listening, for every process that holds this socket (prefork
     /// workers do): new clients are refused, those not yet accepted are
     /// reset, and a worker waiting in accept wakes with EINVAL.

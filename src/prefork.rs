@@ -113,6 +113,14 @@ impl Pool {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::os("cannot make the pool's stop pipe", e))?;
         setup.listeners = listeners.iter().map(|l| l.as_fd().as_raw_fd()).collect();
+        setup.activated = activated;
+        // One listener: the workers block in accept itself, where the kernel
+        // wakes one waiter per connection (see `worker`). With several they
+        // wait in epoll, so the listeners must stay non-blocking.
+        setup.block_in_accept = match &listeners[..] {
+            [one] if setup.wake == crate::cli::Wake::One => one.set_blocking().is_ok(),
+            _ => false,
+        };
         setup.stop = read.as_raw_fd();
         Ok(Pool {
             places: vec![Place::default(); setup.pool],

@@ -29,8 +29,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::sources::{Limits, Refused};
 
 /// One worker's record. All-zero: an idle worker with nothing counted.
+///
+/// Each record has cache lines of its own (128 bytes: a line and the one
+/// the CPU prefetches beside it). A worker writes its record at every
+/// connection; records that shared a line made it bounce between CPUs
+/// (measured: see docs/prefork.md).
 #[derive(Default)]
-#[repr(C)]
+#[repr(C, align(128))]
 pub struct Record {
     /// [`BUSY`] while the worker holds a connection (from its admission to its end).
     state: AtomicU32,
@@ -209,9 +214,24 @@ impl Seat {
     /// same address at once both see each other: at the limit both may be
     /// refused, but never both admitted past it. Returns the number of
     /// busy workers (for `--early-drop`) when admitted.
-    pub fn admit(&self, ip: IpAddr, limits: Limits, keys: &Keys) -> Result<usize, Refused> {
+    ///
+    /// With no per-source limit and `count_busy` false (no `--early-drop`)
+    /// nothing is counted and the number returned is 0: the worker only
+    /// marks itself busy, and reads no other worker's record (whose lines
+    /// the other CPUs are writing).
+    pub fn admit(
+        &self,
+        ip: IpAddr,
+        limits: Limits,
+        keys: &Keys,
+        count_busy: bool,
+    ) -> Result<usize, Refused> {
         let own = self.own();
         let (addr, net) = if limits.per_ip == 0 && limits.per_net == 0 {
+            if !count_busy {
+                own.state.store(BUSY, Ordering::SeqCst);
+                return Ok(0);
+            }
             (0, 0)
         } else {
             keys.of(ip, limits)
@@ -307,20 +327,20 @@ mod tests {
         let board = Board::new(8).unwrap();
         let keys = Keys::default();
         let seats: Vec<Seat> = (0..8).map(|i| Seat::new(board, i)).collect();
-        assert_eq!(seats[0].admit(ip("10.0.0.1"), LIMITS, &keys), Ok(1));
-        assert_eq!(seats[1].admit(ip("10.0.0.1"), LIMITS, &keys), Ok(2));
+        assert_eq!(seats[0].admit(ip("10.0.0.1"), LIMITS, &keys, true), Ok(1));
+        assert_eq!(seats[1].admit(ip("10.0.0.1"), LIMITS, &keys, true), Ok(2));
         assert_eq!(
-            seats[2].admit(ip("10.0.0.1"), LIMITS, &keys),
+            seats[2].admit(ip("10.0.0.1"), LIMITS, &keys, true),
             Err(Refused::Address)
         );
-        assert_eq!(seats[2].admit(ip("10.0.0.2"), LIMITS, &keys), Ok(3));
+        assert_eq!(seats[2].admit(ip("10.0.0.2"), LIMITS, &keys, true), Ok(3));
         assert_eq!(
-            seats[3].admit(ip("10.0.0.3"), LIMITS, &keys),
+            seats[3].admit(ip("10.0.0.3"), LIMITS, &keys, true),
             Err(Refused::Network)
         );
-        assert_eq!(seats[3].admit(ip("10.0.1.3"), LIMITS, &keys), Ok(4));
+        assert_eq!(seats[3].admit(ip("10.0.1.3"), LIMITS, &keys, true), Ok(4));
         seats[0].release();
-        assert_eq!(seats[4].admit(ip("10.0.0.1"), LIMITS, &keys), Ok(4));
+        assert_eq!(seats[4].admit(ip("10.0.0.1"), LIMITS, &keys, true), Ok(4));
         assert_eq!(board.busy(), 4);
     }
 
@@ -337,7 +357,7 @@ mod tests {
         assert!(!r.busy && r.served == MOST && r.bytes == MOST);
         // Limits may refuse; nothing breaks.
         let seat = Seat::new(board, 0);
-        let _ = seat.admit(ip("10.0.0.1"), LIMITS, &keys);
+        let _ = seat.admit(ip("10.0.0.1"), LIMITS, &keys, true);
         seat.release();
         board.clear(0);
         assert_eq!(board.report(0), Report::default());

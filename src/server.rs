@@ -53,9 +53,11 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     let udp = Udp::new(datagrams, config.udp_limits())?;
     for l in &listeners {
-        // Fork mode's children watch for long-lived connections with a
-        // shorter first timeout (see `echo::initial_timeout`).
-        let first = crate::echo::initial_timeout(config.first_byte(), config.mode == Mode::Fork);
+        // Fork mode's children and prefork's workers watch for long-lived
+        // connections with a shorter first timeout (see
+        // `echo::initial_timeout`).
+        let hooked = matches!(config.mode, Mode::Fork | Mode::Prefork);
+        let first = crate::echo::initial_timeout(config.first_byte(), hooked);
         l.set_timeouts(first, config.idle())?;
     }
     if let Some(id) = &identity {
@@ -177,6 +179,8 @@ fn prefork(
         pool,
         max_conns_per_worker: config.max_conns_per_worker,
         wake: config.wake,
+        block_in_accept: false,
+        activated: false,
         buffer: config.buffer,
         title: title::TitleArea::capture(),
         oom,

@@ -53,26 +53,63 @@ impl TitleArea {
     /// A child's code: byte by byte, a few dozen bytes, rather than through
     /// libc's memcpy and memset, which would be two more pages to fault in.
     pub fn set(&self, title: &[u8]) {
+        // Clear the rest of the argument area, so no old argument shows.
+        self.write(0, title, self.arg_end - self.start);
+    }
+
+    /// Write `bytes` at offset `at` of the area, then NULs up to offset
+    /// `clear_to` and at least one after them; returns the offset just past
+    /// the bytes written. Everything stays inside the area.
+    fn write(&self, at: usize, bytes: &[u8], clear_to: usize) -> usize {
         let room = self.env_end - self.start;
-        let len = title.len().min(room - 1);
+        let at = at.min(room - 1);
+        let end = at + bytes.len().min(room - 1 - at);
+        let clear_to = clear_to.clamp(end + 1, room);
         // SAFETY: [start, env_end) is the initial argument and environment
         // string area of this process's stack, mapped read-write for the life
         // of the process; the kernel reported its bounds. Nothing in the child
         // reads these strings after this point (std::env is not used there),
-        // and the writes stay inside the area.
+        // and the writes stay inside the area (`clear_to` <= room).
         // Volatile writes, so that the compiler does not turn the loops back
         // into calls to memcpy and memset.
         unsafe {
             let p = self.start as *mut u8;
-            for (i, &b) in title[..len].iter().enumerate() {
-                p.add(i).write_volatile(b);
+            for (i, &b) in bytes[..end - at].iter().enumerate() {
+                p.add(at + i).write_volatile(b);
             }
-            // Clear the rest of the argument area, so no old argument shows.
-            let clear_to = self.arg_end.max(self.start + len + 1);
-            for i in len..clear_to - self.start {
+            for i in end..clear_to {
                 p.add(i).write_volatile(0);
             }
         }
+        end
+    }
+}
+
+/// A title that changes at every connection (a prefork worker's state): a
+/// head written once, then only the tail after it is rewritten, and only
+/// what the last tail left is cleared. (Rewriting the whole title and the
+/// whole argument area each time was about 1 % of a worker's CPU under
+/// `forkd-load rate`, more than the floor's whole user time: docs/prefork.md.)
+pub struct Retitle {
+    area: TitleArea,
+    head: usize,
+    end: usize,
+}
+
+impl Retitle {
+    /// Write `head` (as [`TitleArea::set`] does).
+    pub fn new(area: TitleArea, head: &[u8]) -> Retitle {
+        let end = area.write(0, head, area.arg_end - area.start);
+        Retitle {
+            area,
+            head: end,
+            end,
+        }
+    }
+
+    /// The title becomes the head followed by `tail`.
+    pub fn tail(&mut self, tail: &[u8]) {
+        self.end = self.area.write(self.head, tail, self.end + 1);
     }
 }
 

@@ -7,15 +7,20 @@
 //! at once); every inherited descriptor is closed but stdio, the
 //! listeners and the read end of the pool's stop pipe; the worker names
 //! itself (`forkd-worker`), raises its OOM score above its parent's, and
-//! waits for a connection in an epoll set of its own:
+//! waits for a connection:
 //!
-//! - each listener, registered with `EPOLLEXCLUSIVE` (`--wake one`): a new
-//!   connection wakes one idle worker, not all of them (the thundering
-//!   herd; `--wake all` leaves the flag off to show it). Why this and not
-//!   an accept lock or SO_REUSEPORT: docs/prefork.md;
-//! - the stop pipe, which the parent closes to drain the pool (and which the
-//!   kernel closes if the parent dies): an idle worker exits at once, a busy
-//!   one when its connection ends.
+//! - on one listener, blocked in accept (the kernel wakes one waiter per
+//!   connection);
+//! - on several, in an epoll set of its own: each listener registered with
+//!   `EPOLLEXCLUSIVE` (`--wake one`), so a new connection wakes one idle
+//!   worker, not all of them (the thundering herd; `--wake all` leaves the
+//!   flag off to show it), and the stop pipe. Why this and not an accept
+//!   lock or SO_REUSEPORT: docs/prefork.md.
+//!
+//! The parent closes the stop pipe to drain the pool (the kernel closes it
+//! if the parent dies) and shuts down the listeners it bound: an idle
+//! worker exits at once (blocked in accept on a socket from systemd, within
+//! its listener's timeout), a busy one when its connection ends.
 //!
 //! A connection goes through the per-source limits, counted across the pool
 //! on the [`crate::scoreboard`], and `--early-drop`; then the same echo
@@ -39,7 +44,7 @@ use crate::events;
 use crate::model::{How, Terms};
 use crate::scoreboard::{Board, Count, Gate, Keys, Seat};
 use crate::sources::Limits;
-use crate::title::{self, TitleArea};
+use crate::title::{self, Retitle, TitleArea};
 
 /// The words of a worker's end lines: the same as fork mode's, the id
 /// being the worker's pid.
@@ -117,6 +122,10 @@ pub struct Setup {
     pub pool: usize,
     pub max_conns_per_worker: u64,
     pub wake: Wake,
+    /// Wait in accept on the one listener (blocking), not in epoll.
+    pub block_in_accept: bool,
+    /// The listeners came from systemd, so a drain cannot shut them down.
+    pub activated: bool,
     pub buffer: usize,
     pub title: Option<TitleArea>,
     pub oom: Option<(CString, Vec<u8>)>,
@@ -145,16 +154,10 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     let me = std::process::id() as u64;
     let number = n + 1;
     let seat = Seat::new(setup.board, n);
-    let retitle = |what: std::fmt::Arguments<'_>| {
-        if let Some(area) = &setup.title {
-            let mut t = [0u8; 96];
-            let mut c = std::io::Cursor::new(&mut t[..]);
-            let _ = c.write_fmt(what);
-            let len = c.position() as usize;
-            area.set(&t[..len]);
-        }
-    };
-    retitle(format_args!("forkd: worker {number} idle"));
+    let mut title = setup
+        .title
+        .map(|area| Retitle::new(area, format!("forkd: worker {number} ").as_bytes()));
+    show(&mut title, format_args!("idle"));
     let Some(epoll) = wait_set(setup) else {
         exit(code::FAILED);
     };
@@ -169,11 +172,12 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     let mut accept_log = Gated::new(Gate::AcceptFailed);
     let mut coin = seed();
     let mut served = 0u64;
+    let early_drop = setup.early_drop != EarlyDrop::Off;
     loop {
         let Some((conn, peer)) = next_connection(setup, &epoll, &mut accept_log) else {
             exit(code::STOPPED);
         };
-        let busy = match seat.admit(peer.ip(), setup.limits, &setup.keys) {
+        let busy = match seat.admit(peer.ip(), setup.limits, &setup.keys, early_drop) {
             Ok(busy) => busy,
             Err(why) => {
                 drop(conn);
@@ -184,7 +188,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
                 continue;
             }
         };
-        let chance = setup.early_drop.chance(busy - 1, setup.pool);
+        let chance = setup.early_drop.chance(busy.saturating_sub(1), setup.pool);
         if chance > 0 {
             coin ^= coin << 13;
             coin ^= coin >> 7;
@@ -200,13 +204,20 @@ pub fn run(setup: &Setup, n: usize) -> ! {
             }
         }
         seat.count(Count::Served);
-        retitle(format_args!("forkd: worker {number} conn {peer}"));
+        show(&mut title, format_args!("conn {peer}"));
         let start = Instant::now();
         let bytes = seat.bytes();
+        // As in fork mode, the socket starts with a short receive timeout
+        // from the listener and only a connection that waits it out sets
+        // its own: a short connection makes no setsockopt call (it was one
+        // system call in seven under `forkd-load rate`). Nothing else happens
+        // then: the worker raised its OOM score when it started.
+        let long_lived = || {};
         let watch = echo::Watch {
             first_byte: setup.first_byte,
             idle: setup.idle,
-            starts_with: setup.first_byte,
+            starts_with: echo::initial_timeout(setup.first_byte, true),
+            on_long_lived: Some(&long_lived),
             ..echo::Watch::counting(bytes)
         };
         let mut sock = TcpStream::from(conn);
@@ -228,7 +239,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
         if setup.max_conns_per_worker > 0 && served >= setup.max_conns_per_worker {
             exit(code::RECYCLED);
         }
-        retitle(format_args!("forkd: worker {number} idle"));
+        show(&mut title, format_args!("idle"));
     }
 }
 
@@ -266,14 +277,87 @@ fn raw(fd: &OwnedFd) -> RawFd {
     std::os::fd::AsRawFd::as_raw_fd(fd)
 }
 
+/// Show the worker's state after its number in its title (`ps`).
+fn show(title: &mut Option<Retitle>, state: std::fmt::Arguments<'_>) {
+    if let Some(t) = title {
+        let mut b = [0u8; 80];
+        let mut c = std::io::Cursor::new(&mut b[..]);
+        let _ = c.write_fmt(state);
+        let len = c.position() as usize;
+        t.tail(&b[..len]);
+    }
+}
+
 /// Wait for a connection and accept it; None when the pool drains.
 fn next_connection(
     setup: &Setup,
     epoll: &OwnedFd,
     accept_log: &mut Gated,
 ) -> Option<(OwnedFd, SocketAddr)> {
+    // A drain shuts bound listeners down, so accept tells a busy worker
+    // after its connection; systemd's listeners stay open, so then the
+    // worker looks at its stop pipe first (one poll per connection).
+    if setup.activated && stop_closed(setup.stop) {
+        return None;
+    }
+    match &setup.listeners[..] {
+        [one] if setup.block_in_accept => accept_blocking(setup, *one, accept_log),
+        _ => wait_and_accept(setup, epoll, accept_log),
+    }
+}
+
+/// One listener: block in accept, as the C floor does. The kernel queues
+/// accept's waiters exclusively, so a connection wakes one idle worker, and
+/// the worker makes one system call to get a connection where the epoll
+/// way makes up to three (an accept that finds the queue empty, the wait,
+/// the accept). Its system calls per connection are then the C floor's
+/// (docs/prefork.md, "Against its floor").
+///
+/// The pool drains by shutting the listener down, which wakes every
+/// waiter with EINVAL. A listener from systemd cannot be shut down (it is
+/// systemd's); then the listener's receive timeout, which every listener
+/// has (at most [`echo::PATIENCE`], see `server`), ends the wait with
+/// EAGAIN and the worker looks at its stop pipe, so an idle worker leaves
+/// within that time, as it does when the parent dies.
+fn accept_blocking(
+    setup: &Setup,
+    listener: RawFd,
+    accept_log: &mut Gated,
+) -> Option<(OwnedFd, SocketAddr)> {
+    loop {
+        match accept(listener) {
+            Ok(c) => return Some(c),
+            Err(libc::EAGAIN) => {
+                if stop_closed(setup.stop) {
+                    return None;
+                }
+            }
+            Err(e) => accept_failed(setup, listener, e, accept_log)?,
+        }
+    }
+}
+
+/// Several listeners (or `--wake all`): wait in epoll on them all and the
+/// stop pipe, then accept without blocking.
+fn wait_and_accept(
+    setup: &Setup,
+    epoll: &OwnedFd,
+    accept_log: &mut Gated,
+) -> Option<(OwnedFd, SocketAddr)> {
     const ROOM: usize = 8;
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; ROOM];
+    // Accept before waiting: under load a connection is usually queued
+    // already when the last one ends, and this spares the epoll_wait
+    // (with the short first timeout below: 11.5 to 10.5 µs of the pool's
+    // CPU per connection, docs/prefork.md). When the queue is empty it
+    // costs an accept that fails with EAGAIN.
+    for &l in &setup.listeners {
+        match accept(l) {
+            Ok(c) => return Some(c),
+            Err(libc::EINVAL) => return None,
+            Err(_) => {}
+        }
+    }
     loop {
         // SAFETY: `events` has room for ROOM entries.
         let n = unsafe { libc::epoll_wait(raw(epoll), events.as_mut_ptr(), ROOM as i32, -1) };
@@ -293,23 +377,45 @@ fn next_connection(
             };
             match accept(l) {
                 Ok(c) => return Some(c),
-                Err(libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EINTR) => {}
-                // The parent shut the listener down: the pool drains.
-                Err(libc::EINVAL) => return None,
-                Err(e) => {
-                    if let Some(k) = accept_log.allow(setup.board) {
-                        events::accept_short(
-                            &listener_name(l),
-                            nix::errno::Errno::from_raw(e).desc(),
-                            BACKOFF,
-                            k,
-                        );
-                    }
-                    std::thread::sleep(BACKOFF);
-                }
+                Err(libc::EAGAIN) => {}
+                Err(e) => accept_failed(setup, l, e, accept_log)?,
             }
         }
     }
+}
+
+/// After accept failed with `errno`: None if the pool drains (the parent
+/// shut the listener down), else Some(()) to wait again, after a pause and
+/// a (gated) log line if descriptors or memory ran short.
+fn accept_failed(setup: &Setup, listener: RawFd, errno: i32, accept_log: &mut Gated) -> Option<()> {
+    match errno {
+        libc::EAGAIN | libc::ECONNABORTED | libc::EPROTO | libc::EINTR => {}
+        libc::EINVAL => return None,
+        e => {
+            if let Some(k) = accept_log.allow(setup.board) {
+                events::accept_short(
+                    &listener_name(listener),
+                    nix::errno::Errno::from_raw(e).desc(),
+                    BACKOFF,
+                    k,
+                );
+            }
+            std::thread::sleep(BACKOFF);
+        }
+    }
+    Some(())
+}
+
+/// Is the stop pipe closed (the pool drains, or the parent is gone)?
+fn stop_closed(stop: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: stop,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready > 0
 }
 
 fn listener_name(fd: RawFd) -> String {

@@ -391,18 +391,12 @@ fn switches(pids: &[i32]) -> u64 {
 
 /// Context switches of the whole pool per connection, with 8 workers and
 /// two listeners, 200 connections one after another alternating between them.
-fn switches_per_connection(wake: &str) -> (f64, String) {
-    let f = prefork(&[
-        "--workers",
-        "8",
-        "--wake",
-        wake,
-        "-q",
-        "-l",
-        "127.0.0.1:0",
-        "-l",
-        "127.0.0.1:0",
-    ]);
+fn switches_per_connection(wake: &str, listeners: usize) -> (f64, String) {
+    let mut args = vec!["--workers", "8", "--wake", wake, "-q"];
+    for _ in 0..listeners {
+        args.extend(["-l", "127.0.0.1:0"]);
+    }
+    let f = prefork(&args);
     let pids = workers(&f, 8);
     // Let every worker settle into its wait.
     std::thread::sleep(Duration::from_millis(300));
@@ -410,7 +404,7 @@ fn switches_per_connection(wake: &str) -> (f64, String) {
     let n = 200;
     for i in 0..n {
         let data = pattern(64, i as u64);
-        f.check(roundtrip(f.addrs[i % 2], &data) == data, "echo");
+        f.check(roundtrip(f.addrs[i % listeners], &data) == data, "echo");
     }
     std::thread::sleep(Duration::from_millis(100));
     let per = (switches(&pids) - before) as f64 / n as f64;
@@ -430,10 +424,20 @@ fn switches_per_connection(wake: &str) -> (f64, String) {
 
 #[test]
 fn one_connection_wakes_one_worker_not_the_pool() {
-    let (one, status_one) = switches_per_connection("one");
-    let (all, status_all) = switches_per_connection("all");
-    eprintln!("context switches per connection: wake one {one:.2}, wake all {all:.2}");
+    // Two listeners: the workers wait in epoll.
+    let (one, status_one) = switches_per_connection("one", 2);
+    let (all, status_all) = switches_per_connection("all", 2);
+    // One listener: they block in accept itself.
+    let (blocking, _) = switches_per_connection("one", 1);
+    eprintln!(
+        "context switches per connection: wake one {one:.2}, wake all {all:.2}, \
+         one listener {blocking:.2}"
+    );
     eprintln!("{status_one}\n{status_all}");
+    assert!(
+        blocking < 5.0,
+        "one listener: {blocking:.2} switches per connection"
+    );
     // The worker that serves sleeps a few times per connection (waiting for
     // it, for its bytes, for their end); the herd adds the other idle workers.
     assert!(one < 5.0, "--wake one: {one:.2} switches per connection");

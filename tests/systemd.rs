@@ -7,7 +7,7 @@
 //! Every wait has a deadline, and each test arms a 60 s alarm as a backstop.
 use forkd_test_util::*;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -166,6 +166,63 @@ fn socket_activation_prefork_ipv4_and_ipv6_named() {
     let hosts = both_families();
     let names = ["echo4", "echo6"][..hosts.len()].join(":");
     activated("prefork", &hosts, Some(&names));
+}
+
+/// One socket from systemd: prefork's workers block in accept on it, and
+/// a drain cannot shut it down (it is systemd's). Idle workers still leave
+/// (their wait times out and they find the stop pipe closed), and the busy
+/// one finishes its client but takes no client queued after the drain began.
+#[test]
+fn socket_activated_prefork_on_one_socket_drains() {
+    watchdog();
+    require("systemd-socket-activate");
+    let (mut run, addrs) = socket_activate(
+        &["127.0.0.1"],
+        &[],
+        &[
+            "--print-addr",
+            "--log",
+            "stderr",
+            "--mode",
+            "prefork",
+            "--workers",
+            "3",
+            "--grace",
+            "30s",
+        ],
+    );
+    // The first connection makes systemd-socket-activate exec forkd.
+    let mut held = connect(addrs[0]);
+    ping(&mut held, b"before");
+    let workers = || children_of(run.pid()).len();
+    run.check(
+        wait_until(10 * SECOND, || workers() == 3),
+        "the pool did not start",
+    );
+    run.signal(libc::SIGTERM);
+    run.check(run.wait_log("stopping:", 10 * SECOND), "no stopping line");
+    run.check(
+        wait_until(10 * SECOND, || workers() == 1),
+        "idle workers did not leave",
+    );
+    // systemd's socket still listens: this client waits in its queue.
+    let mut queued = connect(addrs[0]);
+    queued.write_all(b"late").unwrap();
+    ping(&mut held, b"still served while draining");
+    drop(held);
+    let status = run.wait_exit(20 * SECOND);
+    run.check(
+        status.is_some_and(|s| s.success()),
+        &format!("forkd did not stop cleanly: {status:?}"),
+    );
+    run.check(
+        run.log()
+            .contains("stopped: 1 connection served, 1 ended (0 by signal)"),
+        "summary",
+    );
+    let mut got = Vec::new();
+    let _ = queued.read_to_end(&mut got);
+    run.check(got.is_empty(), "a client queued after the drain was served");
 }
 
 #[test]
