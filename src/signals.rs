@@ -400,7 +400,7 @@ fn keep_from_children(old: &libc::stack_t) {
         .flatten()
         .unwrap_or(4096) as usize;
     let start = old.ss_sp as usize;
-    if start % page != 0 || start < page {
+    if !start.is_multiple_of(page) || start < page {
         return;
     }
     for (at, len) in [(start - page, page), (start, old.ss_size)] {
