@@ -53,10 +53,10 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     let udp = Udp::new(datagrams, config.udp_limits())?;
     for l in &listeners {
-        // Fork mode's children and prefork's workers watch for long-lived
-        // connections with a shorter first timeout (see
-        // `echo::initial_timeout`).
-        let hooked = matches!(config.mode, Mode::Fork | Mode::Prefork);
+        // The blocking models watch for long-lived connections with a
+        // shorter first timeout (see `echo::initial_timeout`): a short
+        // connection then never sets a timeout of its own.
+        let hooked = matches!(config.mode, Mode::Fork | Mode::Prefork | Mode::Thread);
         let first = crate::echo::initial_timeout(config.first_byte(), hooked);
         l.set_timeouts(first, config.idle())?;
     }

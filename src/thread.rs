@@ -204,10 +204,15 @@ fn serve(s: &'static Slot) {
     let outcome = match buffer.as_deref_mut() {
         Some(buf) => {
             let (first_byte, idle) = TIMEOUTS.get().copied().unwrap_or_default();
+            // As in fork and prefork mode, the socket keeps the listener's
+            // short first timeout until the connection waits it out, so a
+            // short connection makes no setsockopt call.
+            let long_lived = || {};
             let watch = echo::Watch {
                 first_byte,
                 idle,
-                starts_with: first_byte,
+                starts_with: echo::initial_timeout(first_byte, true),
+                on_long_lived: Some(&long_lived),
                 ..echo::Watch::counting(bytes)
             };
             panic::catch_unwind(AssertUnwindSafe(|| echo::serve(&mut sock, buf, &watch))).ok()
