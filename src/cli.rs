@@ -36,7 +36,7 @@ pub enum ReapMode {
 /// How a prefork worker waits for a connection (see `crate::worker`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Wake {
-    /// Each listener wakes one idle worker per connection (EPOLLEXCLUSIVE).
+    /// One idle worker is woken per connection (one listener: workers block in accept; several: EPOLLEXCLUSIVE).
     One,
     /// Each listener wakes every idle worker, and all but one find nothing: the thundering herd.
     All,
@@ -130,7 +130,7 @@ pub struct Config {
     #[arg(long = "max-conns-per-worker", value_name = "N", default_value_t = 0)]
     pub max_conns_per_worker: u64,
 
-    /// Prefork mode: wake one idle worker per new connection (EPOLLEXCLUSIVE), or every idle worker (the thundering herd, to watch).
+    /// Prefork mode: wake one idle worker per new connection (blocking accept on one listener, EPOLLEXCLUSIVE on several), or every idle worker (the thundering herd, to watch).
     #[arg(long, value_enum, default_value_t = Wake::One)]
     pub wake: Wake,
 

@@ -18,6 +18,7 @@
 //! - [`thread`]: thread mode, one thread per connection.
 //! - [`prefork`]: prefork mode, the parent keeping its pool of workers.
 //! - [`worker`]: prefork mode, a worker (its wait, limits, echo, end lines).
+//! - [`ticker`]: prefork mode, a worker's timeouts by one interval timer.
 //! - [`scoreboard`]: what prefork workers share (untrusted; reports and
 //!   per-source limits only).
 //! - [`event`]: event mode, one epoll loop over every connection.
@@ -96,6 +97,7 @@ pub mod stop;
 pub mod systemd;
 pub mod table;
 pub mod thread;
+pub mod ticker;
 pub mod title;
 pub mod udp;
 pub mod upgrade;

@@ -53,12 +53,16 @@ pub fn run(config: Config) -> Result<u8, Error> {
     }
     let udp = Udp::new(datagrams, config.udp_limits())?;
     for l in &listeners {
-        // The blocking models watch for long-lived connections with a
+        // Fork and thread mode watch for long-lived connections with a
         // shorter first timeout (see `echo::initial_timeout`): a short
-        // connection then never sets a timeout of its own.
-        let hooked = matches!(config.mode, Mode::Fork | Mode::Prefork | Mode::Thread);
-        let first = crate::echo::initial_timeout(config.first_byte(), hooked);
-        l.set_timeouts(first, config.idle())?;
+        // connection then never sets a timeout of its own. Prefork's
+        // workers keep their timeouts by a timer of their own (`ticker`):
+        // their sockets have none.
+        if config.mode != Mode::Prefork {
+            let hooked = matches!(config.mode, Mode::Fork | Mode::Thread);
+            let first = crate::echo::initial_timeout(config.first_byte(), hooked);
+            l.set_timeouts(first, config.idle())?;
+        }
     }
     if let Some(id) = &identity {
         privdrop::drop_to(id)?;

@@ -44,6 +44,7 @@ use crate::events;
 use crate::model::{How, Terms};
 use crate::scoreboard::{Board, Count, Gate, Keys, Seat};
 use crate::sources::Limits;
+use crate::ticker;
 use crate::title::{self, Retitle, TitleArea};
 
 /// The words of a worker's end lines: the same as fork mode's, the id
@@ -161,6 +162,9 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     let Some(epoll) = wait_set(setup) else {
         exit(code::FAILED);
     };
+    if ticker::start(setup.first_byte, setup.idle).is_err() {
+        exit(code::FAILED);
+    }
     let mut buf: Vec<MaybeUninit<u8>> = Vec::new();
     if buf.try_reserve_exact(setup.buffer).is_err() {
         exit(code::FAILED);
@@ -207,21 +211,19 @@ pub fn run(setup: &Setup, n: usize) -> ! {
         show(&mut title, format_args!("conn {peer}"));
         let start = Instant::now();
         let bytes = seat.bytes();
-        // As in fork mode, the socket starts with a short receive timeout
-        // from the listener and only a connection that waits it out sets
-        // its own: a short connection makes no setsockopt call (it was one
-        // system call in seven under `forkd-load rate`). Nothing else happens
-        // then: the worker raised its OOM score when it started.
-        let long_lived = || {};
-        let watch = echo::Watch {
-            first_byte: setup.first_byte,
-            idle: setup.idle,
-            starts_with: echo::initial_timeout(setup.first_byte, true),
-            on_long_lived: Some(&long_lived),
-            ..echo::Watch::counting(bytes)
-        };
+        // No socket timeouts: the worker's ticker keeps them (see
+        // `ticker`), so no wait arms a timer of its own.
+        let watch = echo::Watch::counting(bytes);
+        ticker::watch(std::os::fd::AsRawFd::as_raw_fd(&conn), bytes);
         let mut sock = TcpStream::from(conn);
-        let outcome = echo::serve(&mut sock, &mut buf, &watch);
+        let mut outcome = echo::serve(&mut sock, &mut buf, &watch);
+        if ticker::unwatch() {
+            outcome.end = if outcome.bytes > 0 {
+                echo::End::IdleTimeout
+            } else {
+                echo::End::Silent
+            };
+        }
         // Closed before the end is told, as a fork-mode child's exit closes it.
         drop(sock);
         seat.count(Count::Ended);
@@ -315,10 +317,10 @@ fn next_connection(
 ///
 /// The pool drains by shutting the listener down, which wakes every
 /// waiter with EINVAL. A listener from systemd cannot be shut down (it is
-/// systemd's); then the listener's receive timeout, which every listener
-/// has (at most [`echo::PATIENCE`], see `server`), ends the wait with
-/// EAGAIN and the worker looks at its stop pipe, so an idle worker leaves
-/// within that time, as it does when the parent dies.
+/// systemd's); then the worker's tick ([`ticker`], at most
+/// [`echo::PATIENCE`]) interrupts the wait and the worker looks at its stop
+/// pipe, so an idle worker leaves within a tick, as it does when the parent
+/// dies.
 fn accept_blocking(
     setup: &Setup,
     listener: RawFd,
@@ -327,7 +329,7 @@ fn accept_blocking(
     loop {
         match accept(listener) {
             Ok(c) => return Some(c),
-            Err(libc::EAGAIN) => {
+            Err(libc::EINTR | libc::EAGAIN) => {
                 if stop_closed(setup.stop) {
                     return None;
                 }

@@ -482,3 +482,41 @@ fn zombie_lab_kills_a_worker_and_the_pool_replaces_it() {
     assert_eq!(listing.matches("forkd-worker").count(), 3, "{listing}");
     assert!(!listing.contains(&format!(" {killed} ")), "{listing}");
 }
+
+/// A worker keeps its timeouts by a ticking timer (src/ticker.rs): a
+/// client that keeps moving bytes, each pause shorter than the idle
+/// timeout, is never cut however long it lasts; once it stops, it is.
+#[test]
+fn a_slow_client_that_keeps_moving_outlives_the_idle_timeout() {
+    let f = prefork(&["--workers", "2", "--idle-timeout", "600ms"]);
+    let mut s = connect(f.addr());
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_millis(2500) {
+        ping(&mut s, b"x");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    f.check(
+        !f.log().contains("idle timeout"),
+        "a client with pauses of 200 ms was cut by a 600 ms idle timeout",
+    );
+    // Now silent: it ends within the timeout and a few ticks.
+    let quiet = Instant::now();
+    let mut b = [0u8; 1];
+    s.set_read_timeout(Some(LONG)).unwrap();
+    let n = s.read(&mut b);
+    f.check(
+        matches!(n, Ok(0)),
+        &format!("the idle client was not closed: {n:?}"),
+    );
+    let waited = quiet.elapsed();
+    f.check(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(5),
+        &format!("closed after {waited:?} of silence, with a 600 ms idle timeout"),
+    );
+    f.check(
+        f.wait_log(&format!("idle timeout, {sent} bytes echoed"), LONG),
+        "the end line does not say idle timeout with every byte echoed",
+    );
+}
