@@ -59,10 +59,13 @@ if [ -n "$pace" ]; then
 fi
 
 # Like for like, fork mode only: each forkd against the floor linked the same way.
+# Three rounds in alternating order, not one: with one, the two servers run
+# one after the other, and whatever the machine does meanwhile (it is shared)
+# lands on one of them; single rounds of the same build gave 0.90 to 0.98.
 like() { # NAME FORKD [CFLAGS]
 	# shellcheck disable=SC2086
 	CFLAGS=${3:--O2} "$bin/forkd-load" compare --forkd "$2" --json --modes fork --floor \
-		$workloads --workloads rate,stream,hold --hold 200 --rounds 1 \
+		$workloads --workloads rate,stream,hold --hold 200 --rounds 3 \
 		--out "$out/$1" >"$out/$1.jsonl" || status=$?
 }
 like dynamic "$bin/forkd"
@@ -150,7 +153,7 @@ print(f"  forkd-fork p99 / floor-fork p99 flat out (closed loop) {v}")
 for name, r in like.items():
     f = r.get(("forkd-fork", "rate"), {}).get("conn_per_s")
     c = r.get(("floor-fork", "rate"), {}).get("conn_per_s")
-    v = f"{f / c:8.2f}" if f and c else f"{'-':>8}"
+    v = f"{f / c:8.3f}" if f and c else f"{'-':>8}"
     print(f"  {name} forkd-fork conn/s / {name} floor-fork {v}")
 sys.exit(1 if failed or compare_status else (2 if missing else 0))
 PY
