@@ -13,7 +13,8 @@
 
 use std::path::Path;
 
-use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::ranged1d::{AsRangedCoord, SegmentValue, SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordusize;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -175,8 +176,6 @@ fn draw_inner(path: &Path, c: &Comparison) -> Result<(), Box<dyn std::error::Err
     }
 
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    // Integer ranges are inclusive when made discrete: 0..n-1 gives n segments.
-    let segments = 0..n - 1;
     let on_bar = ("sans-serif", 12)
         .into_font()
         .color(&BLACK)
@@ -190,26 +189,7 @@ fn draw_inner(path: &Path, c: &Comparison) -> Result<(), Box<dyn std::error::Err
         // One body for both scales; only the y axis differs.
         macro_rules! bars {
             ($y:expr, $floor:expr, $above:expr) => {{
-                let mut chart = ChartBuilder::on(area)
-                    .caption(panel.title, ("sans-serif", 16))
-                    .margin(12)
-                    .x_label_area_size(40)
-                    .y_label_area_size(70)
-                    .build_cartesian_2d(segments.clone().into_segmented(), $y)?;
-                chart
-                    .configure_mesh()
-                    .disable_x_mesh()
-                    .light_line_style(WHITE)
-                    .x_labels(n)
-                    .x_label_style(("sans-serif", 12))
-                    .x_label_formatter(&|x| match x {
-                        SegmentValue::CenterOf(i) => names.get(*i).unwrap_or(&"").to_string(),
-                        _ => String::new(),
-                    })
-                    .y_labels(8)
-                    .y_desc(panel.axis)
-                    .y_label_formatter(&|v| axis_label(*v))
-                    .draw()?;
+                let mut chart = frame(area, panel.title, &names, $y, panel.axis)?;
                 chart.draw_series(rows.iter().zip(&values).enumerate().filter_map(
                     |(i, (r, v))| {
                         v.filter(|v| *v > 0.0).map(|v| {
@@ -254,6 +234,48 @@ fn draw_inner(path: &Path, c: &Comparison) -> Result<(), Box<dyn std::error::Err
     Ok(())
 }
 
+/// A panel's frame, the same for every panel: its caption, one segment per
+/// server with its name under it, a y axis `y` described as `y_desc`.
+fn frame<'a, 'b, Y>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    names: &[&str],
+    y: Y,
+    y_desc: &str,
+) -> Result<Framed<'a, 'b, Y::CoordDescType>, Box<dyn std::error::Error>>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let n = names.len().max(1);
+    // Integer ranges are inclusive when made discrete: 0..n-1 gives n segments.
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((0..n - 1).into_segmented(), y)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(WHITE)
+        .x_labels(n)
+        .x_label_style(("sans-serif", 12))
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => names.get(*i).unwrap_or(&"").to_string(),
+            _ => String::new(),
+        })
+        .y_labels(8)
+        .y_desc(y_desc)
+        .y_label_formatter(&|v| axis_label(*v))
+        .draw()?;
+    Ok(chart)
+}
+
+/// A chart drawn by [`frame`]: servers across, `Y` up.
+type Framed<'a, 'b, Y> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<SegmentedCoord<RangedCoordusize>, Y>>;
+
 /// One part of a held connection's whole cost: its name, colour and value.
 type Part = (&'static str, RGBColor, fn(&Cost) -> f64);
 
@@ -274,7 +296,6 @@ fn draw_costs(
     rows: &[Row],
     names: &[&str],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let n = rows.len().max(1);
     let costs: Vec<Option<Cost>> = rows
         .iter()
         .map(|r| r.hold.as_ref().and_then(|h| h.cost))
@@ -287,29 +308,13 @@ fn draw_costs(
         .filter_map(|(_, c)| c.as_ref().map(whole));
     let top = ours.fold(0.0f64, f64::max);
     let top = if top > 0.0 { top * 1.18 } else { 1.0 };
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "hold: the whole memory of an idle connection, the server's share (lower is better)",
-            ("sans-serif", 16),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0..n - 1).into_segmented(), 0f64..top)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(WHITE)
-        .x_labels(n)
-        .x_label_style(("sans-serif", 12))
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => names.get(*i).unwrap_or(&"").to_string(),
-            _ => String::new(),
-        })
-        .y_labels(8)
-        .y_desc("KiB per connection")
-        .y_label_formatter(&|v| axis_label(*v))
-        .draw()?;
+    let mut chart = frame(
+        area,
+        "hold: the whole memory of an idle connection, the server's share (lower is better)",
+        names,
+        0f64..top,
+        "KiB per connection",
+    )?;
     for (i, c) in costs.iter().enumerate() {
         let Some(c) = c else { continue };
         let mut base = 0.0f64;
