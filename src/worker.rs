@@ -379,7 +379,6 @@ fn wait_and_accept(
             };
             match accept(l) {
                 Ok(c) => return Some(c),
-                Err(libc::EAGAIN) => {}
                 Err(e) => accept_failed(setup, l, e, accept_log)?,
             }
         }

@@ -36,6 +36,13 @@ fn json(args: &[&str], out: &Run) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e})\n{}", explain(args, out)))
 }
 
+/// Run forkd-load against `f`, which must succeed, and return its JSON.
+fn succeeded(f: &Forkd, args: &[&str]) -> Value {
+    let out = load(args, LIMIT);
+    f.check(out.status.success(), &explain(args, &out));
+    json(args, &out)
+}
+
 fn num(v: &Value, path: &[&str]) -> f64 {
     let mut cur = v;
     for p in path {
@@ -114,9 +121,7 @@ fn rate_and_stream_against_forkd_are_clean() {
         "--pid",
         &pid,
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let r = json(&args, &out);
+    let r = succeeded(&f, &args);
     assert_eq!(r["workload"], "rate");
     assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
     assert!(num(&r, &["conns"]) > 10.0, "{r}");
@@ -142,9 +147,7 @@ fn rate_and_stream_against_forkd_are_clean() {
         "16KiB",
         "--json",
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let s = json(&args, &out);
+    let s = succeeded(&f, &args);
     assert_eq!(num(&s, &["errors", "total"]), 0.0, "{s}");
     assert!(num(&s, &["bytes"]) > 1e6, "{s}");
     assert!(num(&s, &["mib_per_s"]) > 1.0, "{s}");
@@ -172,9 +175,7 @@ fn udp_against_forkd_is_clean_and_silence_is_loss() {
         "--pid",
         &pid,
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let r = json(&args, &out);
+    let r = succeeded(&f, &args);
     assert_eq!(r["workload"], "udp");
     assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
     assert_eq!(num(&r, &["lost"]), 0.0, "{r}");
@@ -323,9 +324,7 @@ fn hold_counts_the_fork_tree_and_leaves_no_zombie() {
     let args = [
         "hold", "--addr", &addr, "--conns", "50", "--pid", &pid, "--json",
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let h = json(&args, &out);
+    let h = succeeded(&f, &args);
     assert_eq!(num(&h, &["held"]), 50.0, "{h}");
     assert_eq!(num(&h, &["procs"]), 51.0, "dispatcher + 50 children: {h}");
     assert_eq!(num(&h, &["zombies_after"]), 0.0, "{h}");
@@ -351,9 +350,7 @@ fn hold_spreads_over_client_processes_and_reports_the_whole_cost() {
     let args = [
         "hold", "--addr", &addr, "--conns", "90", "--procs", "3", "--pid", &pid, "--json",
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let h = json(&args, &out);
+    let h = succeeded(&f, &args);
     assert_eq!(num(&h, &["held"]), 90.0, "{h}");
     assert_eq!(num(&h, &["client_procs"]), 3.0, "{h}");
     assert_eq!(num(&h, &["procs"]), 91.0, "dispatcher + 90 children: {h}");
@@ -394,9 +391,7 @@ fn paced_rate_sends_what_was_asked_and_no_more() {
         "200",
         "--json",
     ];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let r = json(&args, &out);
+    let r = succeeded(&f, &args);
     assert_eq!(num(&r, &["pace_per_s"]), 200.0, "{r}");
     assert_eq!(num(&r, &["errors", "total"]), 0.0, "{r}");
     // A closed loop would have made thousands; the schedule has 200 slots.
@@ -407,9 +402,7 @@ fn paced_rate_sends_what_was_asked_and_no_more() {
 
     // Without --pace, the field is there and null.
     let args = ["rate", "--addr", &addr, "--duration", "100ms", "--json"];
-    let out = load(&args, LIMIT);
-    f.check(out.status.success(), &explain(&args, &out));
-    let r = json(&args, &out);
+    let r = succeeded(&f, &args);
     assert!(r["pace_per_s"].is_null(), "{r}");
 }
 
