@@ -99,6 +99,7 @@ pub fn unwatch() -> bool {
     EXPIRED.load(Ordering::Relaxed)
 }
 
+/// The monotonic clock in ms, plus one, so that 0 can mean "not yet seen".
 fn now_ms() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,

@@ -19,8 +19,8 @@
 //!
 //! The parent closes the stop pipe to drain the pool (the kernel closes it
 //! if the parent dies) and shuts down the listeners it bound: an idle
-//! worker exits at once (blocked in accept on a socket from systemd, within
-//! its listener's timeout), a busy one when its connection ends.
+//! worker exits at once (blocked in accept on a socket from systemd, at its
+//! next tick: see [`crate::ticker`]), a busy one when its connection ends.
 //!
 //! A connection goes through the per-source limits, counted across the pool
 //! on the [`crate::scoreboard`], and `--early-drop`; then the same echo
