@@ -159,8 +159,19 @@ pub fn run(setup: &Setup, n: usize) -> ! {
         .title
         .map(|area| Retitle::new(area, format!("forkd: worker {number} ").as_bytes()));
     show(&mut title, format_args!("idle"));
-    let Some(epoll) = wait_set(setup) else {
-        exit(code::FAILED);
+    // Blocked in accept on one listener, the worker has no epoll set: a
+    // listener registered in sets nobody waits in still costs every
+    // connection a call into each of them, made in the client's connect as
+    // the kernel looks for a waiter to wake. With 16 workers that was about
+    // 2 µs of the client's CPU per connection, and 4 % of the rate against
+    // the floor (docs/prefork.md, "Against its floor").
+    let epoll = if blocks_in_accept(setup) {
+        None
+    } else {
+        let Some(epoll) = wait_set(setup) else {
+            exit(code::FAILED);
+        };
+        Some(epoll)
     };
     if ticker::start(setup.first_byte, setup.idle).is_err() {
         exit(code::FAILED);
@@ -178,7 +189,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     let mut served = 0u64;
     let early_drop = setup.early_drop != EarlyDrop::Off;
     loop {
-        let Some((conn, peer)) = next_connection(setup, &epoll, &mut accept_log) else {
+        let Some((conn, peer)) = next_connection(setup, epoll.as_ref(), &mut accept_log) else {
             exit(code::STOPPED);
         };
         let busy = match seat.admit(peer.ip(), setup.limits, &setup.keys, early_drop) {
@@ -293,7 +304,7 @@ fn show(title: &mut Option<Retitle>, state: std::fmt::Arguments<'_>) {
 /// Wait for a connection and accept it; None when the pool drains.
 fn next_connection(
     setup: &Setup,
-    epoll: &OwnedFd,
+    epoll: Option<&OwnedFd>,
     accept_log: &mut Gated,
 ) -> Option<(OwnedFd, SocketAddr)> {
     // A drain shuts bound listeners down, so accept tells a busy worker
@@ -302,10 +313,17 @@ fn next_connection(
     if setup.activated && stop_closed(setup.stop) {
         return None;
     }
-    match &setup.listeners[..] {
-        [one] if setup.block_in_accept => accept_blocking(setup, *one, accept_log),
-        _ => wait_and_accept(setup, epoll, accept_log),
+    match (&setup.listeners[..], epoll) {
+        ([one], None) => accept_blocking(setup, *one, accept_log),
+        (_, Some(epoll)) => wait_and_accept(setup, epoll, accept_log),
+        (_, None) => None,
     }
+}
+
+/// Whether the worker waits blocked in accept (one listener, made
+/// blocking by the parent) rather than in an epoll set.
+fn blocks_in_accept(setup: &Setup) -> bool {
+    setup.block_in_accept && setup.listeners.len() == 1
 }
 
 /// One listener: block in accept, as the C floor does. The kernel queues
