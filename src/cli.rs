@@ -257,11 +257,6 @@ impl Config {
         if self.proxy_protocol && self.inetd {
             return Err(Error::usage("--proxy-protocol cannot be used with --inetd"));
         }
-        if self.proxy_protocol && self.mode == Mode::Prefork {
-            return Err(Error::usage(
-                "--proxy-protocol is not served in prefork mode yet: use --mode fork or thread",
-            ));
-        }
         if let Some(n) = self.workers
             && n > self.max_conns
         {

@@ -43,6 +43,7 @@ use crate::scoreboard::{Board, Report};
 use crate::signals::{self, Pending, Signals};
 use crate::stop::{Drain, Step};
 use crate::udp::Udp;
+use crate::upgrade::{Outcome, Upgrade};
 use crate::worker::{self, Setup, TERMS, code};
 use crate::{logging, reaper, systemd};
 
@@ -97,8 +98,11 @@ pub struct Pool {
     /// UDP sockets, served by the parent in its own loop, as the fork-mode
     /// dispatcher serves them (see [`crate::udp`]); workers close them.
     udp: Udp,
-    /// The parent's poll set: the wake-up pipe, then the UDP sockets.
+    /// The parent's poll set: the wake-up pipe, the UDP sockets, then an
+    /// upgrade's descriptors.
     pollfds: Vec<libc::pollfd>,
+    /// What SIGUSR2 starts (see [`crate::upgrade`]).
+    upgrade: Option<Upgrade>,
 }
 
 impl Pool {
@@ -109,6 +113,7 @@ impl Pool {
         activated: bool,
         signals: Signals,
         grace: Duration,
+        upgrade: Option<Upgrade>,
     ) -> Result<Pool, Error> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::os("cannot make the pool's stop pipe", e))?;
@@ -140,6 +145,7 @@ impl Pool {
             ignored_log: events::Ignored::default(),
             udp,
             pollfds: Vec::new(),
+            upgrade,
         })
     }
 
@@ -168,6 +174,7 @@ impl Pool {
             }
             self.collect();
             let now = Instant::now();
+            self.upgrade_step(now);
             if self.stop.is_stopping() {
                 if self.drain_step(now) {
                     break;
@@ -300,7 +307,7 @@ impl Pool {
         );
     }
 
-    /// Poll the wake-up pipe and the UDP sockets, and serve the datagrams
+    /// Poll the wake-up pipe, the UDP sockets and an upgrade under way, and serve the datagrams
     /// that came; true if the pipe was readable (or a signal came).
     fn wait(&mut self, timeout: i32) -> Result<bool, Error> {
         let pipe = libc::pollfd {
@@ -311,7 +318,14 @@ impl Pool {
         self.pollfds.clear();
         self.pollfds.push(pipe);
         self.pollfds.resize(1 + self.udp.sockets().len(), pipe);
-        let polled = 1 + self.udp.add_to(&mut self.pollfds, 1);
+        let mut polled = 1 + self.udp.add_to(&mut self.pollfds, 1);
+        self.pollfds.truncate(polled);
+        if let Some(fds) = self.upgrade.as_ref().and_then(|u| u.fds()) {
+            for fd in fds {
+                self.pollfds.push(libc::pollfd { fd, ..pipe });
+            }
+            polled += fds.len();
+        }
         // SAFETY: `pollfds` holds `polled` valid pollfd structures.
         let n = unsafe { libc::poll(self.pollfds.as_mut_ptr(), polled as libc::nfds_t, timeout) };
         if n > 0 {
@@ -349,6 +363,9 @@ impl Pool {
                             .map_or(now, |(t, _)| *t + STATUS_EVERY),
                     );
                 }
+                if let Some(t) = self.upgrade.as_ref().and_then(|u| u.deadline()) {
+                    consider(t);
+                }
             }
         }
         match next {
@@ -362,7 +379,7 @@ impl Pool {
             events::status(&self.status_line());
         }
         if pending.has(Pending::UPGRADE) {
-            log::warn!("SIGUSR2: prefork mode has no binary upgrade yet; ignored");
+            self.start_upgrade();
         }
         if pending.has(Pending::RELOAD) {
             logging::reopen();
@@ -382,6 +399,50 @@ impl Pool {
             .on_requests(pending.terminate, cpu_limit, busy, self.grace)
         {
             self.begin_stop();
+        }
+    }
+
+    /// SIGUSR2: start the new forkd (see [`crate::upgrade`]); the pool
+    /// serves on meanwhile.
+    fn start_upgrade(&mut self) {
+        let Some(upgrade) = &mut self.upgrade else {
+            return;
+        };
+        if self.stop.is_stopping() {
+            events::upgrade_refused("forkd is stopping");
+            return;
+        }
+        match upgrade.start(&self.listeners, Instant::now()) {
+            Ok(pid) => events::upgrade_started(pid),
+            Err(why) => events::upgrade_refused(&why),
+        }
+    }
+
+    /// An upgrade's progress. Once the new forkd is ready the pool drains
+    /// as on SIGTERM, but the listeners are only closed here, not shut
+    /// down: they are the new forkd's now, and what waits in their backlog
+    /// is its to accept. Idle workers see the stop pipe closed at their
+    /// next tick, busy ones before they would accept again (see
+    /// [`crate::ticker`]).
+    fn upgrade_step(&mut self, now: Instant) {
+        let Some(outcome) = self.upgrade.as_mut().and_then(|u| u.check(now)) else {
+            return;
+        };
+        match outcome {
+            Outcome::Failed(why) => events::upgrade_failed(&why),
+            Outcome::Ready(pid) if !self.stop.is_stopping() => {
+                let busy = self.busy();
+                events::upgrade_ready(pid, busy, self.grace);
+                systemd::main_pid(
+                    pid,
+                    &format!("upgraded: pid {pid} serves, the old pool drains {busy}"),
+                );
+                self.stop_write = None;
+                self.udp.close();
+                self.listeners.clear();
+                self.stop.begin_until(now + self.grace);
+            }
+            Outcome::Ready(_) => {}
         }
     }
 

@@ -15,6 +15,9 @@
 //!   one descriptor sits in the dispatcher's poll set, until the header is
 //!   complete or `--proxy-timeout` passes (3 s by default). A waiting
 //!   connection holds a place under `--max-conns`, so the set is bounded.
+//! - A prefork worker holds one connection at a time, so it simply waits
+//!   for that connection's header, blocked in `poll` on it for at most
+//!   `--proxy-timeout` ([`Settings::read_waiting`]).
 //!
 //! Reading never consumes a byte beyond the header: the socket is peeked
 //! (`MSG_PEEK`), the header parsed, and exactly its length then read, so
@@ -261,13 +264,10 @@ impl Stage {
     /// A connection just accepted from `peer`. Its header is read if it is
     /// there; returns the connection to admit, or None (waiting, or closed).
     pub fn arrive(&mut self, conn: OwnedFd, peer: SocketAddr, now: Instant) -> Option<Ready> {
-        if !self.settings.from.iter().any(|c| c.contains(peer.ip())) {
+        if !self.settings.trusts(peer) {
             self.refused[0] += 1;
             if let Some(n) = self.untrusted_log.allow(now) {
-                warn!(
-                    "closed {peer}: not a --proxy-from address, so its PROXY header cannot be trusted{}",
-                    more(n)
-                );
+                closed(peer, Closed::Untrusted, &self.settings, n);
             }
             return None;
         }
@@ -402,12 +402,7 @@ impl Stage {
             if let Some(w) = self.take(slot) {
                 self.refused[2] += 1;
                 if let Some(n) = self.late_log.allow(now) {
-                    warn!(
-                        "closed {}: no complete PROXY header within {} (--proxy-timeout){}",
-                        w.peer,
-                        humantime::format_duration(self.settings.timeout),
-                        more(n)
-                    );
+                    closed(w.peer, Closed::Late, &self.settings, n);
                 }
                 debug_assert!(w.deadline <= now);
             }
@@ -423,10 +418,81 @@ impl Stage {
         self.ready.clear();
     }
 
-    fn bad(&mut self, peer: SocketAddr, why: &str, now: Instant) {
+    fn bad(&mut self, peer: SocketAddr, why: &'static str, now: Instant) {
         self.refused[1] += 1;
         if let Some(n) = self.bad_log.allow(now) {
-            warn!("closed {peer}: {why}{}", more(n));
+            closed(peer, Closed::Bad(why), &self.settings, n);
+        }
+    }
+}
+
+/// Why a connection was closed before its header was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// From outside `--proxy-from`.
+    Untrusted,
+    /// Missing, malformed, too long, or the connection ended first.
+    Bad(&'static str),
+    /// Not complete within `--proxy-timeout`.
+    Late,
+}
+
+/// The line for a connection closed so (`n`: lines of its kind left out
+/// since the last).
+pub fn closed(peer: SocketAddr, why: Closed, settings: &Settings, n: u64) {
+    match why {
+        Closed::Untrusted => warn!(
+            "closed {peer}: not a --proxy-from address, so its PROXY header cannot be trusted{}",
+            more(n)
+        ),
+        Closed::Bad(why) => warn!("closed {peer}: {why}{}", more(n)),
+        Closed::Late => warn!(
+            "closed {peer}: no complete PROXY header within {} (--proxy-timeout){}",
+            humantime::format_duration(settings.timeout),
+            more(n)
+        ),
+    }
+}
+
+impl Settings {
+    /// May `peer` send a header?
+    pub fn trusts(&self, peer: SocketAddr) -> bool {
+        self.from.iter().any(|c| c.contains(peer.ip()))
+    }
+
+    /// A prefork worker's way, for the one connection it holds: from a
+    /// trusted balancer, wait for the whole header (at most the timeout,
+    /// in `poll` on this socket alone; a signal, such as the worker's tick,
+    /// only makes it look again), read it, and return the client it names
+    /// and how it came. `buf` holds at least [`MAX_HEADER`] bytes.
+    pub fn read_waiting(
+        &self,
+        conn: &OwnedFd,
+        peer: SocketAddr,
+        buf: &mut [u8],
+    ) -> Result<(SocketAddr, Via), Closed> {
+        if !self.trusts(peer) {
+            return Err(Closed::Untrusted);
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match read_header(conn, &mut buf[..MAX_HEADER]) {
+                Read::Done(client) => return Ok(named(peer, client)),
+                Read::Bad(why) => return Err(Closed::Bad(why)),
+                Read::More => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Closed::Late);
+            }
+            let mut p = libc::pollfd {
+                fd: conn.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32 + 1;
+            // SAFETY: poll reads and writes one pollfd.
+            unsafe { libc::poll(&mut p, 1, ms) };
         }
     }
 }
@@ -440,19 +506,17 @@ fn more(n: u64) -> String {
 }
 
 fn ready(conn: OwnedFd, balancer: SocketAddr, client: Option<SocketAddr>) -> Ready {
+    let (peer, via) = named(balancer, client);
+    Ready { conn, peer, via }
+}
+
+/// The peer a header names, and how the connection came.
+fn named(balancer: SocketAddr, client: Option<SocketAddr>) -> (SocketAddr, Via) {
     match client {
         // The header names the connection's own end: the balancer's own
         // connection (HAProxy's v1 health checks send such a header).
-        Some(peer) if peer != balancer => Ready {
-            conn,
-            peer,
-            via: Via::Proxied,
-        },
-        _ => Ready {
-            conn,
-            peer: balancer,
-            via: Via::Local,
-        },
+        Some(peer) if peer != balancer => (peer, Via::Proxied),
+        _ => (balancer, Via::Local),
     }
 }
 

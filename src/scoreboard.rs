@@ -73,7 +73,13 @@ pub enum Gate {
     Refused = 0,
     DroppedEarly = 1,
     AcceptFailed = 2,
+    /// Closed before a PROXY header was read (see [`crate::proxy::Closed`]).
+    ProxyUntrusted = 3,
+    ProxyBad = 4,
+    ProxyLate = 5,
 }
+
+const GATES: usize = 6;
 
 /// What a worker's record says, clamped: numbers for reports only.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -102,10 +108,10 @@ impl Board {
         // SAFETY: all-zero is a valid Record (atomics).
         let records = unsafe { crate::memory::shared::<Record>(workers)? };
         // SAFETY: as above.
-        let gates = unsafe { crate::memory::shared::<AtomicU64>(3)? };
+        let gates = unsafe { crate::memory::shared::<AtomicU64>(GATES)? };
         Ok(Board {
             records: &records[..workers.max(1)],
-            gates: &gates[..3],
+            gates: &gates[..GATES],
         })
     }
 

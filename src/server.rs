@@ -155,7 +155,7 @@ pub struct Bound {
 fn prefork(
     mut config: Config,
     bound: Bound,
-    settings: Settings,
+    mut settings: Settings,
     nofile: nix::Result<u64>,
 ) -> Result<u8, Error> {
     let Bound {
@@ -192,11 +192,18 @@ fn prefork(
         idle: config.idle(),
         die_with_parent: config.die_with_parent,
         parent,
+        proxy: config.proxy(),
     };
     let signals = signals::install(Children::ReapInHandler)
         .map_err(|e| Error::os("cannot install signal handlers", e))?;
-    let mut pool =
-        crate::prefork::Pool::new(setup, (listeners, udp), activated, signals, settings.grace)?;
+    let mut pool = crate::prefork::Pool::new(
+        setup,
+        (listeners, udp),
+        activated,
+        signals,
+        settings.grace,
+        settings.upgrade.take(),
+    )?;
     let name = format!(
         "prefork, {} workers, wake {:?}",
         config.max_conns, config.wake

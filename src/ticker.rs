@@ -16,10 +16,13 @@
 //!
 //! The tick also interrupts a worker blocked in accept (EINTR), which then
 //! looks at its stop pipe: how an idle worker learns that the pool drains
-//! when its listener is systemd's (which the parent cannot shut down) or
-//! that its parent died.
+//! when its listener is systemd's or handed on to a new forkd by an
+//! upgrade (neither of which the parent may shut down), or that its parent
+//! died. And at each tick the handler itself looks at the stop pipe (one
+//! `poll` a tick, none per connection), so that a worker busy whenever a
+//! tick comes learns it as well, before it accepts again ([`draining`]).
 //!
-//! The handler is async-signal-safe: atomics, `clock_gettime`, `shutdown`.
+//! The handler is async-signal-safe: atomics, `clock_gettime`, `poll`, `shutdown`.
 //! It runs on the worker's only thread, so the connection it reads cannot
 //! change under it.
 
@@ -42,10 +45,19 @@ static FIRST_MS: AtomicU64 = AtomicU64::new(0);
 static IDLE_MS: AtomicU64 = AtomicU64::new(0);
 /// Set by the handler when it ended the connection.
 static EXPIRED: AtomicBool = AtomicBool::new(false);
+/// The read end of the pool's stop pipe, and whether a tick found it closed.
+static STOP: AtomicI32 = AtomicI32::new(-1);
+static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// Install the SIGALRM handler (without SA_RESTART, so a tick interrupts a
-/// blocked accept) and start ticking. Call once, in the worker.
-pub fn start(first_byte: Option<Duration>, idle: Option<Duration>) -> std::io::Result<()> {
+/// blocked accept) and start ticking; `stop` is the read end of the
+/// pool's stop pipe. Call once, in the worker.
+pub fn start(
+    first_byte: Option<Duration>,
+    idle: Option<Duration>,
+    stop: RawFd,
+) -> std::io::Result<()> {
+    STOP.store(stop, Ordering::Relaxed);
     let ms = |d: Option<Duration>| d.map_or(0, |d| (d.as_millis() as u64).max(1));
     FIRST_MS.store(ms(first_byte), Ordering::Relaxed);
     IDLE_MS.store(ms(idle), Ordering::Relaxed);
@@ -99,6 +111,12 @@ pub fn unwatch() -> bool {
     EXPIRED.load(Ordering::Relaxed)
 }
 
+/// Whether a tick found the stop pipe closed: the pool drains, and the
+/// worker must not accept again.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Relaxed)
+}
+
 /// The monotonic clock in ms, plus one, so that 0 can mean "not yet seen".
 fn now_ms() -> u64 {
     let mut t = libc::timespec {
@@ -111,6 +129,28 @@ fn now_ms() -> u64 {
 }
 
 extern "C" fn on_tick(_: libc::c_int) {
+    // SAFETY: errno is read and put back around the calls below.
+    let errno = unsafe { *libc::__errno_location() };
+    if !DRAINING.load(Ordering::Relaxed) {
+        let mut p = libc::pollfd {
+            fd: STOP.load(Ordering::Relaxed),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one pollfd; a zero timeout never
+        // blocks. The pipe is never written: readable means closed.
+        if p.fd >= 0 && unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+            DRAINING.store(true, Ordering::Relaxed);
+        }
+    }
+    expire();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The timeouts: end the watched connection if its count has not moved for
+/// long enough.
+fn expire() {
     let fd = CONN.load(Ordering::Relaxed);
     let bytes = BYTES.load(Ordering::Relaxed);
     if fd < 0 || bytes.is_null() {
@@ -118,8 +158,6 @@ extern "C" fn on_tick(_: libc::c_int) {
     }
     // SAFETY: `watch` stored a 'static counter.
     let count = unsafe { &*bytes }.load(Ordering::Relaxed);
-    // SAFETY: errno is read and put back around the calls below.
-    let errno = unsafe { *libc::__errno_location() };
     let now = now_ms();
     let since = SINCE.load(Ordering::Relaxed);
     if since == 0 || count != SEEN.load(Ordering::Relaxed) {
@@ -140,6 +178,4 @@ extern "C" fn on_tick(_: libc::c_int) {
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
     }
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
 }

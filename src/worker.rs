@@ -42,6 +42,7 @@ use crate::cli::{EarlyDrop, Wake};
 use crate::echo;
 use crate::events;
 use crate::model::{How, Terms};
+use crate::proxy::{self, Closed, Via};
 use crate::scoreboard::{Board, Count, Gate, Keys, Seat};
 use crate::sources::Limits;
 use crate::ticker;
@@ -134,6 +135,8 @@ pub struct Setup {
     pub idle: Option<Duration>,
     pub die_with_parent: bool,
     pub parent: nix::unistd::Pid,
+    /// `--proxy-protocol`: each connection's PROXY header is read first.
+    pub proxy: Option<proxy::Settings>,
 }
 
 /// Run worker number `n` (0-based; titles count from 1) in this freshly
@@ -173,7 +176,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
         };
         Some(epoll)
     };
-    if ticker::start(setup.first_byte, setup.idle).is_err() {
+    if ticker::start(setup.first_byte, setup.idle, setup.stop).is_err() {
         exit(code::FAILED);
     }
     let mut buf: Vec<MaybeUninit<u8>> = Vec::new();
@@ -185,12 +188,40 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     let mut refused_log = Gated::new(Gate::Refused);
     let mut dropped_log = Gated::new(Gate::DroppedEarly);
     let mut accept_log = Gated::new(Gate::AcceptFailed);
+    let mut proxy_logs = [Gate::ProxyUntrusted, Gate::ProxyBad, Gate::ProxyLate].map(Gated::new);
+    let mut header = match setup.proxy {
+        Some(_) => vec![0u8; proxy::MAX_HEADER],
+        None => Vec::new(),
+    };
     let mut coin = seed();
     let mut served = 0u64;
     let early_drop = setup.early_drop != EarlyDrop::Off;
     loop {
-        let Some((conn, peer)) = next_connection(setup, epoll.as_ref(), &mut accept_log) else {
+        let Some((conn, accepted)) = next_connection(setup, epoll.as_ref(), &mut accept_log) else {
             exit(code::STOPPED);
+        };
+        // Behind a balancer, the client is the one its header names.
+        let (peer, via) = match &setup.proxy {
+            None => (accepted, Via::Direct),
+            Some(p) => {
+                show(&mut title, format_args!("PROXY header from {accepted}"));
+                match p.read_waiting(&conn, accepted, &mut header) {
+                    Ok(named) => named,
+                    Err(why) => {
+                        drop(conn);
+                        let log = match why {
+                            Closed::Untrusted => &mut proxy_logs[0],
+                            Closed::Bad(_) => &mut proxy_logs[1],
+                            Closed::Late => &mut proxy_logs[2],
+                        };
+                        if let Some(k) = log.allow(setup.board) {
+                            proxy::closed(accepted, why, p, k);
+                        }
+                        show(&mut title, format_args!("idle"));
+                        continue;
+                    }
+                }
+            }
         };
         let busy = match seat.admit(peer.ip(), setup.limits, &setup.keys, early_drop) {
             Ok(busy) => busy,
@@ -246,7 +277,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
             How::Returned(outcome.end),
             outcome.bytes,
             start.elapsed(),
-            false,
+            via == Via::Local,
         );
         served += 1;
         if setup.max_conns_per_worker > 0 && served >= setup.max_conns_per_worker {
@@ -309,8 +340,10 @@ fn next_connection(
 ) -> Option<(OwnedFd, SocketAddr)> {
     // A drain shuts bound listeners down, so accept tells a busy worker
     // after its connection; systemd's listeners stay open, so then the
-    // worker looks at its stop pipe first (one poll per connection).
-    if setup.activated && stop_closed(setup.stop) {
+    // worker looks at its stop pipe first (one poll per connection). After
+    // an upgrade the listeners stay open too (the new forkd accepts on
+    // them): the worker knows from its tick ([`ticker::draining`]).
+    if ticker::draining() || setup.activated && stop_closed(setup.stop) {
         return None;
     }
     match (&setup.listeners[..], epoll) {
@@ -347,8 +380,16 @@ fn accept_blocking(
     loop {
         match accept(listener) {
             Ok(c) => return Some(c),
-            Err(libc::EINTR | libc::EAGAIN) => {
+            Err(libc::EINTR) => {
                 if stop_closed(setup.stop) {
+                    return None;
+                }
+            }
+            // The socket was made non-blocking under the worker: a new
+            // forkd adopting it in an upgrade does (until its own pool
+            // makes it blocking again). Wait in poll rather than spin.
+            Err(libc::EAGAIN) => {
+                if readable_or_stopped(listener, setup.stop) {
                     return None;
                 }
             }
@@ -435,6 +476,19 @@ fn stop_closed(stop: RawFd) -> bool {
     // SAFETY: one valid pollfd; a zero timeout never blocks.
     let ready = unsafe { libc::poll(&mut p, 1, 0) };
     ready > 0
+}
+
+/// Wait until `listener` is readable or the stop pipe closes (true).
+fn readable_or_stopped(listener: RawFd, stop: RawFd) -> bool {
+    let entry = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut p = [entry(stop), entry(listener)];
+    // SAFETY: two valid pollfds.
+    let ready = unsafe { libc::poll(p.as_mut_ptr(), 2, -1) };
+    ready > 0 && p[0].revents != 0
 }
 
 fn listener_name(fd: RawFd) -> String {

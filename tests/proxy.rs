@@ -29,7 +29,7 @@ fn closed_unanswered(s: &mut TcpStream) -> bool {
 
 #[test]
 fn v1_and_v2_headers_name_the_client_everywhere_and_are_never_echoed() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event", "prefork"] {
         let f = proxied(&["--mode", mode]);
         for (i, make) in [header_v1, header_v2].into_iter().enumerate() {
             let client = a(&format!("198.51.100.{}:{}", 7 + i, 40000 + i));
@@ -41,9 +41,10 @@ fn v1_and_v2_headers_name_the_client_everywhere_and_are_never_echoed() {
             let mut back = [0u8; 6];
             s.read_exact(&mut back).unwrap();
             assert_eq!(&back, b"hello\n");
-            if mode == "fork" {
-                // The child's title names the client, not the balancer.
-                let title = format!("forkd: conn {client}");
+            if mode == "fork" || mode == "prefork" {
+                // The child's (the worker's) title names the client, not
+                // the balancer.
+                let title = format!("conn {client}");
                 f.check(
                     wait_until(LONG, || {
                         f.live_children()
@@ -66,7 +67,13 @@ fn v1_and_v2_headers_name_the_client_everywhere_and_are_never_echoed() {
 
 #[test]
 fn a_header_in_pieces_waits_without_blocking_others() {
-    let f = proxied(&[]);
+    for mode in ["fork", "prefork"] {
+        header_in_pieces(mode);
+    }
+}
+
+fn header_in_pieces(mode: &str) {
+    let f = proxied(&["--mode", mode]);
     let slow_client = a("192.0.2.1:1111");
     let h = header_v2(slow_client, f.addr());
     let mut slow = connect(f.addr());
@@ -93,7 +100,13 @@ fn a_header_in_pieces_waits_without_blocking_others() {
 
 #[test]
 fn missing_bad_late_and_untrusted_headers_close_with_a_log_line() {
-    let f = proxied(&["--proxy-timeout", "300ms"]);
+    for mode in ["fork", "prefork"] {
+        missing_bad_late_and_untrusted(mode);
+    }
+}
+
+fn missing_bad_late_and_untrusted(mode: &str) {
+    let f = proxied(&["--mode", mode, "--proxy-timeout", "300ms"]);
     // No header: plain data.
     let mut s = connect(f.addr());
     s.write_all(b"hello, no header\r\n").unwrap();
@@ -130,7 +143,13 @@ fn missing_bad_late_and_untrusted_headers_close_with_a_log_line() {
     ping(&mut s, b"still\n");
 
     // A balancer that is not in --proxy-from: closed before anything is read.
-    let g = Forkd::start(&["--proxy-protocol", "--proxy-from", "10.0.0.0/8"]);
+    let g = Forkd::start(&[
+        "--mode",
+        mode,
+        "--proxy-protocol",
+        "--proxy-from",
+        "10.0.0.0/8",
+    ]);
     let mut s = connect(g.addr());
     let _ = s.write_all(&header_v2(a("192.0.2.9:9"), g.addr()));
     g.check(
@@ -145,7 +164,13 @@ fn missing_bad_late_and_untrusted_headers_close_with_a_log_line() {
 
 #[test]
 fn local_headers_are_served_quietly_as_the_balancer() {
-    let f = proxied(&[]);
+    for mode in ["fork", "prefork"] {
+        local_headers(mode);
+    }
+}
+
+fn local_headers(mode: &str) {
+    let f = proxied(&["--mode", mode]);
     for _ in 0..3 {
         let mut s = connect(f.addr());
         let mut first = header_v2_local();
@@ -182,7 +207,13 @@ fn local_headers_are_served_quietly_as_the_balancer() {
 
 #[test]
 fn per_ip_limits_count_the_real_client() {
-    let f = proxied(&["--max-per-ip", "1", "--max-per-net", "0"]);
+    for mode in ["fork", "prefork"] {
+        per_ip_limits(mode);
+    }
+}
+
+fn per_ip_limits(mode: &str) {
+    let f = proxied(&["--mode", mode, "--max-per-ip", "1", "--max-per-net", "0"]);
     let open = |client: &str| {
         let mut s = connect(f.addr());
         s.write_all(&header_v2(a(client), f.addr())).unwrap();

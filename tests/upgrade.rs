@@ -2,6 +2,7 @@
 //! reset or corrupted connection; a new binary that fails leaves the old
 //! one serving.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,7 +31,7 @@ fn new_pid(f: &Forkd) -> Option<i32> {
 
 #[test]
 fn an_upgrade_under_steady_load_drops_nothing() {
-    for mode in ["fork", "thread"] {
+    for mode in ["fork", "thread", "event", "prefork"] {
         let mut f = Forkd::start(&["--mode", mode, "--grace", "10s"]);
         let addr = f.addr();
         let stop = Arc::new(AtomicBool::new(false));
@@ -133,5 +134,53 @@ fn a_failed_upgrade_leaves_the_old_forkd_serving() {
     f.check(
         !f.log().contains("is ready and accepting"),
         "a failed upgrade was taken for a ready one",
+    );
+}
+
+/// A prefork worker that is busy when the new forkd becomes ready accepts
+/// nothing after its connection: a client queued meanwhile is the new
+/// forkd's, and the old one exits as soon as its last connection ends.
+#[test]
+fn an_upgraded_pool_accepts_nothing_more() {
+    let mut f = Forkd::start(&["--mode", "prefork", "--workers", "1", "--grace", "10s"]);
+    let addr = f.addr();
+    // A, held by the old pool's one worker across the upgrade.
+    let mut a = connect(addr);
+    ping(&mut a, b"a\n");
+    f.signal(libc::SIGUSR2);
+    f.check(
+        f.wait_log("is ready and accepting", LONG),
+        "the new forkd was not ready",
+    );
+    let pid = new_pid(&f).expect("the new pid in the log");
+    let _guard = Reaped(pid);
+    // C, served by the new pool's one worker (the old one is busy with A).
+    let mut c = connect(addr);
+    ping(&mut c, b"c\n");
+    // The old worker learns of the drain at a tick (at most a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    // B waits in the backlog: both workers are busy.
+    let mut b = connect(addr);
+    b.write_all(b"b\n").unwrap();
+    // A ends: the old worker must leave rather than take B (which it
+    // would then hold until the grace runs out, and be killed serving it).
+    drop(a);
+    f.expect_clean_exit(Duration::from_secs(5));
+    f.check(
+        !f.log().contains("grace period over"),
+        "the old worker took a connection after the drain began",
+    );
+    // B is the new forkd's: served once C ends.
+    drop(c);
+    b.set_read_timeout(Some(LONG)).unwrap();
+    let mut back = [0u8; 2];
+    b.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"b\n");
+    drop(b);
+    // SAFETY: kill(2) on the new forkd.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    f.check(
+        wait_until(LONG, || ended(pid)),
+        "the new forkd did not stop",
     );
 }
