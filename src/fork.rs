@@ -53,6 +53,7 @@ pub struct ForkModel {
 impl ForkModel {
     /// Call [`reaper::init`] with room for every child first.
     pub fn new(reap: ReapMode, setup: ChildSetup, buffer: usize) -> ForkModel {
+        stop_rseq();
         ForkModel {
             reap,
             setup,
@@ -162,5 +163,88 @@ impl Model for ForkModel {
         // Whatever the mode, forkd reaps every remaining child before it exits.
         reaper::reap_now();
         self.collect(Collect::NeedRoom, ended);
+    }
+}
+
+/// Unregister the dispatcher's restartable-sequences area (glibc registers
+/// one per thread, in its thread control block). The kernel writes the
+/// area's CPU fields each time the thread resumes after a signal or a
+/// preemption: for the dispatcher, about once a connection (SIGCHLD). That
+/// page is shared with every live child since fork write-protected it, so
+/// each such write is a copy-on-write fault. Nothing in forkd uses rseq;
+/// glibc's `sched_getcpu` falls back to the system call. Children inherit
+/// the unregistered state. x86-64 with glibc 2.35 or later only (where the
+/// area's place is `__rseq_offset` from the thread pointer); elsewhere a
+/// no-op. Measured: README, "What it took" (half a fault and a few µs of
+/// the dispatcher's CPU per connection).
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+fn stop_rseq() {
+    unsafe extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    // SAFETY: rseq(2) unregistering the area glibc registered for this
+    // thread; on failure (EINVAL: not the registered area) nothing changes.
+    let _ = unsafe { rseq_unregister() };
+}
+
+/// Unregister this thread's area as glibc registered it: 0, or -1 (errno
+/// EINVAL when it is not registered).
+///
+/// # Safety
+/// Nothing in the process may rely on this thread's rseq area.
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+unsafe fn rseq_unregister() -> libc::c_long {
+    unsafe extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    const RSEQ_FLAG_UNREGISTER: libc::c_int = 1;
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    // SAFETY: reading two constants glibc exports, and fs:0, which on
+    // x86-64 holds the thread pointer (the TCB's address).
+    let (offset, size, tp) = unsafe {
+        let tp: usize;
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags));
+        (__rseq_offset, __rseq_size, tp)
+    };
+    if size == 0 {
+        return 0; // glibc did not register one
+    }
+    let area = tp.wrapping_add_signed(offset);
+    // glibc registers at least the original 32-byte area, and exports the
+    // size of the fields in use (20 since 2.40, and in Debian 12's 2.36);
+    // unregistering must name the length registered.
+    let len = size.max(32);
+    // SAFETY: rseq(2) unregistering the area glibc registered for this
+    // thread; on failure (EINVAL: not the registered area) nothing changes.
+    unsafe { libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
+fn stop_rseq() {}
+
+#[cfg(test)]
+#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::*;
+
+    /// The area and length `stop_rseq` names are the ones glibc
+    /// registered: unregistering succeeds (a wrong address or length fails
+    /// with EINVAL and leaves the area registered), and a second time fails.
+    #[test]
+    fn stop_rseq_unregisters_glibcs_area() {
+        // A thread of its own, whose area nothing else uses.
+        std::thread::spawn(|| {
+            // SAFETY: this thread's area; nothing in the test uses rseq.
+            let first = unsafe { rseq_unregister() };
+            assert_eq!(first, 0, "{}", nix::errno::Errno::last());
+            // SAFETY: as above.
+            let again = unsafe { rseq_unregister() };
+            assert_eq!(again, -1, "the area was still registered");
+            assert_eq!(nix::errno::Errno::last(), nix::errno::Errno::EINVAL);
+        })
+        .join()
+        .unwrap();
     }
 }
