@@ -18,7 +18,8 @@
 //! - [`thread`]: thread mode, one thread per connection.
 //! - [`prefork`]: prefork mode, the parent keeping its pool of workers.
 //! - [`worker`]: prefork mode, a worker (its wait, limits, echo, end lines).
-//! - [`ticker`]: prefork mode, a worker's timeouts by one interval timer.
+//! - [`ticker`]: prefork mode, a worker's timeouts by one interval timer,
+//!   which also tells it of a drain.
 //! - [`scoreboard`]: what prefork workers share (untrusted; reports and
 //!   per-source limits only).
 //! - [`event`]: event mode, one epoll loop over every connection.
@@ -39,8 +40,9 @@
 //! - [`systemd`]: `sd_notify` readiness and status, socket activation.
 //! - [`limits`]: the descriptor limit and the start-up checks of `--max-conns`.
 //! - [`sources`]: `--max-per-ip` and `--max-per-net` counting.
-//! - [`proxy`]: `--proxy-protocol`, the PROXY header read (never blocking)
-//!   between accept and admission, so the real client is what is counted.
+//! - [`proxy`]: `--proxy-protocol`, the PROXY header read between accept
+//!   and admission (never blocking the dispatcher; a prefork worker waits
+//!   for its own), so the real client is what is counted.
 //! - [`upgrade`]: SIGUSR2, the binary upgrade that hands the listening
 //!   sockets to a new forkd and drains.
 //! - [`privdrop`]: `--user` / `--group`.
