@@ -418,7 +418,8 @@ impl<M: Model> Dispatcher<M> {
         self.ignored_log.log(pending);
         let active = self.books.table.active();
         if pending.has(Pending::UPGRADE) {
-            self.start_upgrade();
+            let stopping = self.stop.is_stopping();
+            crate::upgrade::on_request(self.upgrade.as_deref_mut(), stopping, &self.listeners);
         }
         if pending.has(Pending::QUIT) {
             events::quit(self.books.terms, active);
@@ -436,21 +437,6 @@ impl<M: Model> Dispatcher<M> {
             .on_requests(pending.terminate, cpu_limit, active, self.settings.grace)
         {
             self.begin_stop();
-        }
-    }
-
-    /// SIGUSR2: start the new forkd (see [`crate::upgrade`]); serve on meanwhile.
-    fn start_upgrade(&mut self) {
-        let Some(upgrade) = &mut self.upgrade else {
-            return;
-        };
-        if self.stop.is_stopping() {
-            events::upgrade_refused("forkd is stopping");
-            return;
-        }
-        match upgrade.start(&self.listeners, Instant::now()) {
-            Ok(pid) => events::upgrade_started(pid),
-            Err(why) => events::upgrade_refused(&why),
         }
     }
 

@@ -379,7 +379,8 @@ impl Pool {
             events::status(&self.status_line());
         }
         if pending.has(Pending::UPGRADE) {
-            self.start_upgrade();
+            let stopping = self.stop.is_stopping();
+            crate::upgrade::on_request(self.upgrade.as_mut(), stopping, &self.listeners);
         }
         if pending.has(Pending::RELOAD) {
             logging::reopen();
@@ -399,22 +400,6 @@ impl Pool {
             .on_requests(pending.terminate, cpu_limit, busy, self.grace)
         {
             self.begin_stop();
-        }
-    }
-
-    /// SIGUSR2: start the new forkd (see [`crate::upgrade`]); the pool
-    /// serves on meanwhile.
-    fn start_upgrade(&mut self) {
-        let Some(upgrade) = &mut self.upgrade else {
-            return;
-        };
-        if self.stop.is_stopping() {
-            events::upgrade_refused("forkd is stopping");
-            return;
-        }
-        match upgrade.start(&self.listeners, Instant::now()) {
-            Ok(pid) => events::upgrade_started(pid),
-            Err(why) => events::upgrade_refused(&why),
         }
     }
 

@@ -75,6 +75,23 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// SIGUSR2 came: start the new forkd unless forkd is stopping, and log
+/// what was done; the caller serves on meanwhile. `upgrade` None: forkd
+/// has none to offer (tests of the loop).
+pub fn on_request(upgrade: Option<&mut Upgrade>, stopping: bool, listeners: &[Listener]) {
+    let Some(upgrade) = upgrade else {
+        return;
+    };
+    if stopping {
+        crate::events::upgrade_refused("forkd is stopping");
+        return;
+    }
+    match upgrade.start(listeners, Instant::now()) {
+        Ok(pid) => crate::events::upgrade_started(pid),
+        Err(why) => crate::events::upgrade_refused(&why),
+    }
+}
+
 impl Upgrade {
     /// Read this process's binary and arguments (at start, before the
     /// binary on disk can be replaced).
