@@ -179,10 +179,6 @@ impl Model for ForkModel {
 /// the dispatcher's CPU per connection).
 #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
 fn stop_rseq() {
-    unsafe extern "C" {
-        static __rseq_offset: isize;
-        static __rseq_size: u32;
-    }
     // SAFETY: rseq(2) unregistering the area glibc registered for this
     // thread; on failure (EINVAL: not the registered area) nothing changes.
     let _ = unsafe { rseq_unregister() };

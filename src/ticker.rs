@@ -117,6 +117,24 @@ pub fn draining() -> bool {
     DRAINING.load(Ordering::Relaxed)
 }
 
+/// Is the stop pipe closed (the pool drains, or the parent is gone)? Looks
+/// now, with one `poll` (async-signal-safe), and remembers a yes for
+/// [`draining`].
+pub fn stop_closed() -> bool {
+    let mut p = libc::pollfd {
+        fd: STOP.load(Ordering::Relaxed),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd; a zero timeout never
+    // blocks. The pipe is never written: readable means closed.
+    let closed = p.fd >= 0 && unsafe { libc::poll(&mut p, 1, 0) } > 0;
+    if closed {
+        DRAINING.store(true, Ordering::Relaxed);
+    }
+    closed
+}
+
 /// The monotonic clock in ms, plus one, so that 0 can mean "not yet seen".
 fn now_ms() -> u64 {
     let mut t = libc::timespec {
@@ -132,16 +150,7 @@ extern "C" fn on_tick(_: libc::c_int) {
     // SAFETY: errno is read and put back around the calls below.
     let errno = unsafe { *libc::__errno_location() };
     if !DRAINING.load(Ordering::Relaxed) {
-        let mut p = libc::pollfd {
-            fd: STOP.load(Ordering::Relaxed),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one pollfd; a zero timeout never
-        // blocks. The pipe is never written: readable means closed.
-        if p.fd >= 0 && unsafe { libc::poll(&mut p, 1, 0) } > 0 {
-            DRAINING.store(true, Ordering::Relaxed);
-        }
+        stop_closed();
     }
     expire();
     // SAFETY: as above.

@@ -168,7 +168,7 @@ pub fn run(setup: &Setup, n: usize) -> ! {
     // the kernel looks for a waiter to wake. With 16 workers that was about
     // 2 µs of the client's CPU per connection, and 4 % of the rate against
     // the floor (docs/prefork.md, "Against its floor").
-    let epoll = if blocks_in_accept(setup) {
+    let epoll = if setup.block_in_accept {
         None
     } else {
         let Some(epoll) = wait_set(setup) else {
@@ -343,20 +343,14 @@ fn next_connection(
     // worker looks at its stop pipe first (one poll per connection). After
     // an upgrade the listeners stay open too (the new forkd accepts on
     // them): the worker knows from its tick ([`ticker::draining`]).
-    if ticker::draining() || setup.activated && stop_closed(setup.stop) {
+    if ticker::draining() || setup.activated && ticker::stop_closed() {
         return None;
     }
-    match (&setup.listeners[..], epoll) {
-        ([one], None) => accept_blocking(setup, *one, accept_log),
-        (_, Some(epoll)) => wait_and_accept(setup, epoll, accept_log),
-        (_, None) => None,
+    match epoll {
+        Some(epoll) => wait_and_accept(setup, epoll, accept_log),
+        // `block_in_accept`: the parent set it for its one listener.
+        None => accept_blocking(setup, *setup.listeners.first()?, accept_log),
     }
-}
-
-/// Whether the worker waits blocked in accept (one listener, made
-/// blocking by the parent) rather than in an epoll set.
-fn blocks_in_accept(setup: &Setup) -> bool {
-    setup.block_in_accept && setup.listeners.len() == 1
 }
 
 /// One listener: block in accept, as the C floor does. The kernel queues
@@ -381,7 +375,7 @@ fn accept_blocking(
         match accept(listener) {
             Ok(c) => return Some(c),
             Err(libc::EINTR) => {
-                if stop_closed(setup.stop) {
+                if ticker::stop_closed() {
                     return None;
                 }
             }
@@ -464,18 +458,6 @@ fn accept_failed(setup: &Setup, listener: RawFd, errno: i32, accept_log: &mut Ga
         }
     }
     Some(())
-}
-
-/// Is the stop pipe closed (the pool drains, or the parent is gone)?
-fn stop_closed(stop: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd: stop,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a zero timeout never blocks.
-    let ready = unsafe { libc::poll(&mut p, 1, 0) };
-    ready > 0
 }
 
 /// Wait until `listener` is readable or the stop pipe closes (true).
